@@ -1,0 +1,8 @@
+// Lets the same inline code compile for the host (g++) and the device (nvcc).
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTREG_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FASTREG_HOST_DEVICE inline
+#endif

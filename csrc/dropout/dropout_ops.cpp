@@ -1,0 +1,77 @@
+// CPU implementations of the fastreg dropout ops. The schemas are defined in
+// fastreg/ops/dropout.py (so the ops exist, on the reference, without a compiler).
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "dropout_glue.h"
+
+namespace fastreg {
+namespace {
+
+constexpr int64_t kGroupsPerTask = 2048;  // 16K elements: large enough to amortise a task
+
+DropoutRngState host_rng_state(const at::Tensor& rng_state) {
+  const at::Tensor host = rng_state.cpu();
+  const int64_t* v = host.data_ptr<int64_t>();
+  return DropoutRngState{static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1])};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_with_state(const at::Tensor& input, double p, DropoutRngState rng, int64_t mask_mode) {
+  const char* op = "fastreg.dropout";
+  check_strided(input, op, "input");
+  check_dropout_p(p);
+  const MaskMode mode = dropout_mask_mode(mask_mode);
+  const at::Tensor in = memory_dense(input);
+  at::Tensor out = at::empty_like(in);
+  at::Tensor mask = new_dropout_mask(in, mode);
+  const DropoutArgs args = dropout_args(in, out, mask, p, mode, op);
+  const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
+  at::parallel_for(0, groups, kGroupsPerTask,
+                   [&](int64_t begin, int64_t end) { dropout_forward_cpu(args, rng, begin, end); });
+  return {out, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, int64_t mask_mode,
+                                                           std::optional<at::Generator> generator) {
+  // The same draw as the reference: one randint from the CPU generator is the Philox key.
+  at::Tensor rng_state = at::zeros({2}, at::kLong);
+  rng_state[0] = at::randint(int64_t{1} << 62, {1}, generator, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
+  auto [out, mask] = forward_with_state(input, p, host_rng_state(rng_state), mask_mode);
+  return {out, mask, rng_state};
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_seeded_cpu(const at::Tensor& input, double p, const at::Tensor& rng_state,
+                                                      int64_t mask_mode) {
+  check_rng_state(rng_state, "fastreg.dropout_seeded");
+  return forward_with_state(input, p, host_rng_state(rng_state), mask_mode);
+}
+
+at::Tensor dropout_backward_cpu_op(const at::Tensor& grad_output, const at::Tensor& mask, const at::Tensor& rng_state,
+                                   double p, int64_t mask_mode) {
+  const char* op = "fastreg.dropout_backward";
+  check_strided(grad_output, op, "grad_output");
+  check_dropout_p(p);
+  check_rng_state(rng_state, op);
+  const MaskMode mode = dropout_mask_mode(mask_mode);
+  TORCH_CHECK(grad_output.is_non_overlapping_and_dense(), op, ": grad_output must be dense in the forward output's layout");
+  check_saved_mask(mask, grad_output, mode);
+  at::Tensor grad_input = at::empty_like(grad_output);
+  at::Tensor mask_arg = mask;
+  const DropoutArgs args = dropout_args(grad_output, grad_input, mask_arg, p, mode, op);
+  const DropoutRngState rng = host_rng_state(rng_state);
+  const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
+  at::parallel_for(0, groups, kGroupsPerTask,
+                   [&](int64_t begin, int64_t end) { dropout_backward_cpu(args, rng, begin, end); });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("dropout", &dropout_cpu);
+  m.impl("dropout_seeded", &dropout_seeded_cpu);
+  m.impl("dropout_backward", &dropout_backward_cpu_op);
+}
+
+}  // namespace fastreg

@@ -1,0 +1,17 @@
+"""fastreg: fused C++/CUDA regularization kernels for PyTorch.
+
+Ops live in ``torch.ops.fastreg``; ``fastreg.functional`` and the modules are the user API.
+Kernels are compiled at first use (or ahead of time) and fall back to the pure-PyTorch
+reference, with one warning, where they cannot be built.
+"""
+
+from __future__ import annotations
+
+from . import _loader, functional, ops  # noqa: F401  (ops defines torch.ops.fastreg.*)
+from ._backends import backends
+from .modules import Dropout, Dropout1d, Dropout2d, Dropout3d
+
+__version__ = "0.1.0"
+__all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "backends", "functional"]
+
+_loader.check_aot_build_at_import()

@@ -1,0 +1,64 @@
+"""The ``fastreg`` op namespace, defined from Python.
+
+Every op's schema is defined here at import, with its pure-PyTorch reference registered as
+the ``CompositeExplicitAutograd`` kernel. The compiled library (csrc/) adds ``CPU`` and
+``CUDA`` kernels with ``TORCH_LIBRARY_IMPL``; the dispatcher prefers those over the
+composite one. So the ops exist, work under autograd, ``torch.compile`` and ``opcheck``, and
+give the reference's results, even where nothing could be compiled.
+
+The reference kernel is also where the compiled kernels are loaded lazily: the first call of
+an op on a device tries to load (or JIT-build) them, and if that brings a kernel for the
+device, re-dispatches to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+LIBRARY = torch.library.Library("fastreg", "DEF")  # noqa: TOR901 - the namespace is ours
+
+#: op name -> schema, in definition order; fastreg.info and the tests iterate over it.
+SCHEMAS: dict[str, str] = {}
+
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def define(name: str, schema: str, reference: Callable, *, random: bool = False) -> None:
+    """Define ``fastreg::name`` with the reference as its fallback kernel."""
+    tags = (torch.Tag.nondeterministic_seeded,) if random else ()
+    LIBRARY.define(f"{name}{schema}", tags=tags)
+    SCHEMAS[name] = schema
+    LIBRARY.impl(name, _lazy_kernel(name, reference), "CompositeExplicitAutograd")
+
+
+def has_kernel(name: str, device_type: str) -> bool:
+    """True when a compiled kernel of ``fastreg::name`` is registered for the device type."""
+    key = _DISPATCH_KEY.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastreg::{name}", key)
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t.device.type
+    return "cpu"
+
+
+def _lazy_kernel(name: str, reference: Callable) -> Callable:
+    @functools.wraps(reference)
+    def kernel(*args, **kwargs):
+        from . import _loader
+
+        device_type = _device_type(args)
+        if _loader.load_kernels(device_type) and has_kernel(name, device_type):
+            return getattr(torch.ops.fastreg, name)(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    return kernel

@@ -1,0 +1,248 @@
+"""Finds, builds and loads the compiled kernels; falls back to the reference with one warning.
+
+Order: ``FASTREG_BACKEND=reference`` forces the reference; else the ahead-of-time library
+shipped in the package (``fastreg/_C*.so``) if it was built for this torch; else a JIT build
+with ninja into a cache folder keyed by torch, CUDA, Python and a hash of the sources. Any
+failure leaves the ops on the reference and says why, once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import _build
+
+BUILD_INFO_FILE = _build.PACKAGE_DIR / "_build_info.json"
+LOCK_TIMEOUT_S = float(os.environ.get("FASTREG_BUILD_LOCK_TIMEOUT", "1800"))
+
+
+class KernelState:
+    """What happened when the kernels were looked for; fastreg.info prints it."""
+
+    def __init__(self) -> None:
+        self.attempted = False
+        self.mode = "reference"  # "aot", "jit" or "reference"
+        self.library: str | None = None
+        self.cuda_built = False
+        self.reason = ""  # why the reference is in use, or why CUDA kernels are missing
+        self.build_dir: str | None = None
+
+
+STATE = KernelState()
+_LOCK = threading.Lock()
+
+
+class FastregFallbackWarning(UserWarning):
+    """The compiled kernels are not in use; ops run on the pure-PyTorch reference."""
+
+
+def requested_backend() -> str:
+    value = os.environ.get("FASTREG_BACKEND", "auto").strip().lower()
+    if value not in {"auto", "reference"}:
+        raise ValueError(f"FASTREG_BACKEND must be 'auto' or 'reference', got {value!r}")
+    return value
+
+
+def aot_build_info() -> dict | None:
+    try:
+        return json.loads(BUILD_INFO_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def aot_mismatch(info: dict) -> str | None:
+    """Why an ahead-of-time build cannot be used with the torch now installed, or None."""
+    if info.get("torch") != torch.__version__ or info.get("cuda") != torch.version.cuda:
+        return (
+            f"fastreg's ahead-of-time kernels were built for torch {info.get('torch')} (CUDA {info.get('cuda')}), "
+            f"but torch {torch.__version__} (CUDA {torch.version.cuda}) is installed. Rebuild them with "
+            "'pip install --no-build-isolation --force-reinstall --no-deps fastreg' (or from the source folder), "
+            "or uninstall and reinstall fastreg; until then fastreg compiles its kernels at first use (JIT)."
+        )
+    return None
+
+
+def load_kernels(device_type: str = "cpu") -> bool:
+    """Loads the compiled kernels once per process; True when a library is loaded."""
+    if not STATE.attempted:
+        with _LOCK:
+            if not STATE.attempted:
+                _load_once()
+                STATE.attempted = True
+    if device_type == "cuda" and STATE.library and not STATE.cuda_built:
+        _warn_once("cuda", f"fastreg: no CUDA kernels in {STATE.library} ({STATE.reason}); CUDA ops run on the reference.")
+    return STATE.library is not None
+
+
+def _load_once() -> None:
+    if requested_backend() == "reference":
+        STATE.reason = "FASTREG_BACKEND=reference"
+        return
+    info = aot_build_info()
+    if info is not None and aot_mismatch(info) is None:
+        library = _aot_library()
+        if library is not None:
+            try:
+                torch.ops.load_library(str(library))
+            except OSError as error:
+                _warn_once("aot", f"fastreg: could not load {library} ({error}); trying a JIT build.")
+            else:
+                STATE.mode, STATE.library, STATE.cuda_built = "aot", str(library), bool(info.get("cuda_kernels"))
+                STATE.reason = "" if STATE.cuda_built else "the ahead-of-time build has no CUDA kernels"
+                return
+    try:
+        _jit_build_and_load()
+    except Exception as error:  # noqa: BLE001 - every failure must leave the reference working
+        STATE.reason = f"{type(error).__name__}: {_last_lines(str(error))}"
+        _warn_once(
+            "fallback",
+            f"fastreg: the C++ kernels could not be built, so every fastreg op runs on the pure-PyTorch reference "
+            f"(correct but slower). Cause: {STATE.reason}. Fix: install a C++ compiler (g++) and ninja "
+            "('pip install ninja'), or set CXX to one; then run 'python -m fastreg.info'. "
+            "Set FASTREG_BACKEND=reference to use the reference without this warning.",
+        )
+
+
+def _aot_library() -> Path | None:
+    candidates = sorted(_build.PACKAGE_DIR.glob("_C*.so"))
+    return candidates[0] if candidates else None
+
+
+def cuda_wanted() -> tuple[bool, str]:
+    """Whether a JIT build should include the CUDA kernels, and why not if it should not."""
+    if torch.version.cuda is None:
+        return False, "torch was built without CUDA"
+    if os.environ.get("FASTREG_FORCE_CUDA") != "1" and not torch.cuda.is_available():
+        return False, "no CUDA device (set FASTREG_FORCE_CUDA=1 to build them anyway)"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
+        return False, "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+    return True, ""
+
+
+def cache_root() -> Path:
+    base = os.environ.get("FASTREG_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastreg"
+    )
+    return Path(base)
+
+
+def jit_build_dir(with_cuda: bool) -> Path:
+    cuda = f"cu{torch.version.cuda}-{_build.cuda_arch_list().replace(';', '_').replace(' ', '_')}" if with_cuda else "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return cache_root() / f"torch{torch.__version__}-{cuda}-{py}-{_build.source_hash()}"
+
+
+def _check_toolchain() -> None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: '{compiler}' (from CXX, default c++) was not found on PATH")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        raise RuntimeError("ninja was not found ('pip install ninja')")
+
+
+def _jit_build_and_load() -> None:
+    from torch.utils.cpp_extension import load
+
+    with_cuda, why_not_cuda = cuda_wanted()
+    build_dir = jit_build_dir(with_cuda)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = "fastreg_kernels"
+    library = build_dir / f"{name}.so"
+    srcs = _build.sources()
+    with build_lock(build_dir):
+        if not library.exists():
+            _check_toolchain()
+            stale = build_dir / "lock"  # torch's own lock; under our lock it can only be stale
+            if stale.exists():
+                _warn_once("stale", f"fastreg: removed the stale build lock {stale} left by an interrupted build.")
+                stale.unlink()
+            what = "CPU+CUDA" if with_cuda else "CPU"
+            print(f"fastreg: compiling {what} kernels into {build_dir} (about a minute, once)...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            if with_cuda:
+                os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _build.cuda_arch_list())
+            load(
+                name=name,
+                sources=srcs["cpu"] + (srcs["cuda"] if with_cuda else []),
+                build_directory=str(build_dir),
+                extra_cflags=_build.CXX_FLAGS + (["-DFASTREG_WITH_CUDA"] if with_cuda else []),
+                extra_cuda_cflags=_build.NVCC_FLAGS,
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=os.environ.get("FASTREG_VERBOSE_BUILD") == "1",
+            )
+            print(f"fastreg: kernels compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        else:
+            torch.ops.load_library(str(library))
+    STATE.mode, STATE.library, STATE.cuda_built, STATE.build_dir = "jit", str(library), with_cuda, str(build_dir)
+    STATE.reason = why_not_cuda
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """An flock held while building: a killed holder releases it, so it is never stale."""
+    path = build_dir / ".fastreg-build.lock"
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    print(f"fastreg: waiting for another build (pid {holder}) holding {path}", file=sys.stderr, flush=True)
+                    told = True
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"gave up after {LOCK_TIMEOUT_S:.0f} s waiting for the build lock {path}; if no fastreg build "
+                        "is running, delete that folder"
+                    ) from None
+                time.sleep(0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, FastregFallbackWarning, stacklevel=4)
+
+
+def _last_lines(text: str, count: int = 6) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-count:]) if lines else "unknown error"
+
+
+def check_aot_build_at_import() -> None:
+    info = aot_build_info()
+    if info is not None and requested_backend() != "reference":
+        message = aot_mismatch(info)
+        if message:
+            _warn_once("aot-mismatch", message)

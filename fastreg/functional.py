@@ -1,0 +1,127 @@
+"""Functional API, signature-compatible with ``torch.nn.functional`` where it replaces it."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .ops import dropout as _dropout_ops  # noqa: F401  (defines the ops)
+from .reference.dropout import check_p
+
+#: mask storage for backward -> the op's mask_mode
+MASK_MODES = {"regenerate": 0, "bits": 1, "bool": 2}
+DEFAULT_MASK_MODE = "regenerate"
+
+
+def _mask_mode(mask_mode: str) -> int:
+    try:
+        return MASK_MODES[mask_mode]
+    except KeyError:
+        raise ValueError(f"mask_mode must be one of {sorted(MASK_MODES)}, got {mask_mode!r}") from None
+
+
+def dropout_with_mask(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+    *,
+    mask_mode: str = "bool",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout that also returns its mask: bool (shaped like the output) or bits (packed, 1 bit per element)."""
+    check_p(p)
+    mode = _mask_mode(mask_mode)
+    if mode == MASK_MODES["regenerate"]:
+        raise ValueError("dropout_with_mask needs mask_mode 'bool' or 'bits'")
+    if not training:
+        keep = torch.ones_like(input, dtype=torch.bool)
+        return input, keep if mode == MASK_MODES["bool"] else _ones_bits(input)
+    output, mask, _ = torch.ops.fastreg.dropout(input, p, mode, generator)
+    return output, mask
+
+
+def _ones_bits(input: torch.Tensor) -> torch.Tensor:
+    from .reference.dropout import pack_bits
+
+    return pack_bits(torch.ones(input.numel(), dtype=torch.bool, device=input.device))
+
+
+def dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    generator: torch.Generator | None = None,
+    *,
+    mask_mode: str = DEFAULT_MASK_MODE,
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout``; masks come from fastreg's Philox stream.
+
+    ``mask_mode`` says what backward gets: ``"regenerate"`` (default: no mask stored, it is
+    recomputed from a 16-byte seed), ``"bits"`` (1 bit per element) or ``"bool"`` (1 byte).
+    """
+    check_p(p)
+    mode = _mask_mode(mask_mode)
+    if not training:
+        return input
+    output = torch.ops.fastreg.dropout(input, p, mode, generator)[0]
+    if inplace:
+        return input.copy_(output)
+    return output
+
+
+def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool) -> torch.Tensor:
+    """Zeroes whole channels: one decision per (N, C), broadcast over the remaining dims."""
+    check_p(p)
+    if not training:
+        return input
+    noise_shape = (*input.shape[:2],) + (1,) * (input.dim() - 2)
+    ones = torch.ones(noise_shape, dtype=input.dtype, device=input.device)
+    noise = torch.ops.fastreg.dropout(ones, p, MASK_MODES["regenerate"], None)[0]
+    return input.mul_(noise) if inplace else input * noise
+
+
+def _unbatched(fn, input: torch.Tensor, batched_dim: int, *args) -> torch.Tensor:
+    if input.dim() == batched_dim:
+        return fn(input, *args)
+    return fn(input.unsqueeze(0), *args).squeeze(0)
+
+
+def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout1d``: zeroes whole channels of (N, C, L) or (C, L)."""
+    check_p(p)
+    if input.dim() not in (2, 3):
+        raise RuntimeError(f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
+                           "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 spatial dimension, "
+                           "a channel dimension, and an optional batch dimension (i.e. 2D or 3D inputs).")
+    return _unbatched(_feature_dropout, input, 3, p, training, inplace)
+
+
+def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout2d``, warnings included."""
+    check_p(p)
+    if input.dim() not in (3, 4):
+        warnings.warn(f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated and will result in "
+                      "an error in a future release. To retain the behavior and silence this warning, please use "
+                      "dropout instead. Note that dropout2d exists to provide channel-wise dropout on inputs with 2 "
+                      "spatial dimensions, a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).")
+    if input.dim() == 3:
+        warnings.warn("dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout behavior "
+                      "is desired - input is interpreted as shape (N, C, L), where C is the channel dim. This behavior "
+                      "will change in a future release to interpret the input as one without a batch dimension, i.e. "
+                      "shape (C, H, W). To maintain the 1D channel-wise dropout behavior, please switch to using "
+                      "dropout1d instead.")
+    return _feature_dropout(input, p, training, inplace)
+
+
+def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout3d``: zeroes whole channels of (N, C, D, H, W) or (C, D, H, W)."""
+    check_p(p)
+    if input.dim() not in (4, 5):
+        warnings.warn(f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated and will result "
+                      "in an error in a future release. To retain the behavior and silence this warning, please use "
+                      "dropout instead. Note that dropout3d exists to provide channel-wise dropout on inputs with 3 "
+                      "spatial dimensions, a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).")
+        return _feature_dropout(input, p, training, inplace)
+    return _unbatched(_feature_dropout, input, 5, p, training, inplace)

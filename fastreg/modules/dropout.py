@@ -1,0 +1,39 @@
+"""fastreg.Dropout and friends: subclasses of torch.nn's, so arguments, repr, state_dict and
+isinstance checks are unchanged; only forward runs fastreg's kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+
+
+class Dropout(torch.nn.Dropout):
+    """``torch.nn.Dropout`` with fastreg's kernel. ``mask_mode``: "regenerate" (default, no
+    mask kept for backward), "bits" (1 bit per element) or "bool" (1 byte per element)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, mask_mode: str = F.DEFAULT_MASK_MODE) -> None:
+        super().__init__(p, inplace)
+        F._mask_mode(mask_mode)
+        self.mask_mode = mask_mode
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dropout(input, self.p, self.training, self.inplace, mask_mode=self.mask_mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mask_mode={self.mask_mode!r}"
+
+
+class Dropout1d(torch.nn.Dropout1d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dropout1d(input, self.p, self.training, self.inplace)
+
+
+class Dropout2d(torch.nn.Dropout2d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dropout2d(input, self.p, self.training, self.inplace)
+
+
+class Dropout3d(torch.nn.Dropout3d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dropout3d(input, self.p, self.training, self.inplace)

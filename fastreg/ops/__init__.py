@@ -1,0 +1,3 @@
+"""Op definitions: schema, reference fallback, fake (meta) kernel and autograd, per op family."""
+
+from . import dropout  # noqa: F401  (defines fastreg::dropout*)

@@ -1,0 +1,108 @@
+"""fastreg::dropout, fastreg::dropout_seeded, fastreg::dropout_backward.
+
+rng_state is an int64 tensor (seed, offset) on the input's device: the forward op draws it
+from the device's generator (on CUDA inside the kernel, so CUDA-graph capture works) and
+returns it; backward regenerates the mask from it, so the default mode stores no mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._library import define
+from ..memory_format import memory_dense
+from ..reference import dropout as ref
+
+define(
+    "dropout",
+    "(Tensor input, float p, int mask_mode, Generator? generator=None) -> (Tensor output, Tensor mask, Tensor rng_state)",
+    ref.dropout,
+    random=True,
+)
+define(
+    "dropout_seeded",
+    "(Tensor input, float p, Tensor rng_state, int mask_mode) -> (Tensor output, Tensor mask)",
+    ref.dropout_seeded,
+)
+define(
+    "dropout_backward",
+    "(Tensor grad_output, Tensor mask, Tensor rng_state, float p, int mask_mode) -> Tensor",
+    ref.dropout_backward,
+)
+
+
+def _fake_mask(dense: torch.Tensor, mask_mode: int) -> torch.Tensor:
+    if mask_mode == ref.BITS:
+        return dense.new_empty(((dense.numel() + ref.GROUP - 1) // ref.GROUP,), dtype=torch.uint8)
+    if mask_mode == ref.BOOL:
+        return torch.empty_like(dense, dtype=torch.bool)
+    return dense.new_empty((0,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fastreg::dropout")
+def _dropout_fake(input, p, mask_mode, generator=None):
+    dense = memory_dense(input)
+    return torch.empty_like(dense), _fake_mask(dense, mask_mode), input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastreg::dropout_seeded")
+def _dropout_seeded_fake(input, p, rng_state, mask_mode):
+    dense = memory_dense(input)
+    return torch.empty_like(dense), _fake_mask(dense, mask_mode)
+
+
+@torch.library.register_fake("fastreg::dropout_backward")
+def _dropout_backward_fake(grad_output, mask, rng_state, p, mask_mode):
+    return torch.empty_like(grad_output)
+
+
+def in_layout(grad: torch.Tensor, like_size, like_stride) -> torch.Tensor:
+    """grad laid out with the forward output's strides: the mask is indexed in that memory order."""
+    if tuple(grad.stride()) == tuple(like_stride):
+        return grad
+    return torch.empty_strided(like_size, like_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def _setup_forward(ctx, p, mask_mode, output, mask, rng_state):
+    ctx.save_for_backward(mask, rng_state)
+    ctx.p, ctx.mask_mode = p, mask_mode
+    ctx.layout = (output.shape, output.stride())
+
+
+def _backward(ctx, grad_output):
+    mask, rng_state = ctx.saved_tensors
+    grad = in_layout(grad_output, *ctx.layout)
+    return torch.ops.fastreg.dropout_backward(grad, mask, rng_state, ctx.p, ctx.mask_mode)
+
+
+def _dropout_setup(ctx, inputs, output):
+    _, p, mask_mode, _ = inputs
+    _setup_forward(ctx, p, mask_mode, *output)
+
+
+def _dropout_seeded_setup(ctx, inputs, output):
+    _, p, rng_state, mask_mode = inputs
+    _setup_forward(ctx, p, mask_mode, output[0], output[1], rng_state)
+
+
+def _dropout_grad(ctx, grad_output, _grad_mask, _grad_state):
+    return _backward(ctx, grad_output), None, None, None
+
+
+def _dropout_seeded_grad(ctx, grad_output, _grad_mask):
+    return _backward(ctx, grad_output), None, None, None
+
+
+def _dropout_backward_setup(ctx, inputs, output):
+    grad_output, mask, rng_state, p, mask_mode = inputs
+    _setup_forward(ctx, p, mask_mode, output, mask, rng_state)
+
+
+def _dropout_backward_grad(ctx, grad_grad_input):
+    # backward is linear in grad_output, with the same mask: its gradient is itself.
+    return _backward(ctx, grad_grad_input), None, None, None, None
+
+
+torch.library.register_autograd("fastreg::dropout", _dropout_grad, setup_context=_dropout_setup)
+torch.library.register_autograd("fastreg::dropout_seeded", _dropout_seeded_grad, setup_context=_dropout_seeded_setup)
+torch.library.register_autograd("fastreg::dropout_backward", _dropout_backward_grad, setup_context=_dropout_backward_setup)

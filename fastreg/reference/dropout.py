@@ -1,0 +1,129 @@
+"""Reference dropout: the spec of docs/rng.md written in plain PyTorch.
+
+Same schema and results, bit for bit, as the CPU and CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..memory_format import flat_memory_view, from_memory_order, memory_dense
+from .philox import philox4x32_10
+
+GROUP = 8  # keep decisions per Philox call
+RESOLUTION = 65536  # p is resolved to 2^-16
+REGENERATE, BITS, BOOL = 0, 1, 2
+CUDA_OFFSET_INCREMENT = 4  # what one call advances a CUDA generator's philox offset by
+
+
+def keep_threshold(p: float) -> int:
+    return min(max(round((1.0 - p) * RESOLUTION), 0), RESOLUTION)
+
+
+def keep_scale(threshold: int) -> float:
+    return 0.0 if threshold == 0 else RESOLUTION / threshold
+
+
+def check_p(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def keep_flat(n: int, p: float, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Keep decisions of elements 0..n-1 (memory order) as a bool tensor."""
+    groups = (n + GROUP - 1) // GROUP
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    counter = [g & 0xFFFFFFFF, g >> 32, torch.full_like(g, offset & 0xFFFFFFFF), torch.full_like(g, (offset >> 32) & 0xFFFFFFFF)]
+    words = philox4x32_10(counter, (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+    lanes = torch.stack([half for w in words for half in (w & 0xFFFF, w >> 16)], dim=1)
+    return (lanes < keep_threshold(p)).reshape(-1)[:n]
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Bit j of byte g is element 8g + j; bits past the end are 0."""
+    padded = torch.zeros(((keep.numel() + GROUP - 1) // GROUP) * GROUP, dtype=torch.int64, device=keep.device)
+    padded[: keep.numel()] = keep.to(torch.int64)
+    weights = torch.tensor([1 << j for j in range(GROUP)], dtype=torch.int64, device=keep.device)
+    return (padded.reshape(-1, GROUP) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(GROUP, dtype=torch.int64, device=packed.device)
+    return ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+def _apply(values: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """values * (keep ? scale : 0), computed in fp32 (fp64 for fp64) like the kernels."""
+    compute = torch.float64 if values.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(keep_scale(keep_threshold(p)), dtype=compute, device=values.device)
+    multiplier = torch.where(keep, scale, torch.zeros((), dtype=compute, device=values.device))
+    out = torch.empty_like(values)
+    out.copy_(values.to(compute) * multiplier)
+    return out
+
+
+def _rng_values(rng_state: torch.Tensor) -> tuple[int, int]:
+    seed, offset = (int(v) for v in rng_state.tolist())
+    return seed & (2**64 - 1), offset & (2**64 - 1)
+
+
+def _mask_for(keep_in_memory_order: torch.Tensor, dense: torch.Tensor, mask_mode: int) -> torch.Tensor:
+    if mask_mode == BITS:
+        return pack_bits(keep_in_memory_order)
+    if mask_mode == BOOL:
+        return from_memory_order(keep_in_memory_order, dense)
+    return torch.empty(0, dtype=torch.uint8, device=dense.device)
+
+
+def _check_mode(mask_mode: int) -> None:
+    if mask_mode not in (REGENERATE, BITS, BOOL):
+        raise ValueError(f"fastreg.dropout: mask_mode must be 0 (regenerate), 1 (bits) or 2 (bool), got {mask_mode}")
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.layout != torch.strided:
+        raise RuntimeError(f"fastreg.dropout: input must be a strided (dense) tensor, got layout {x.layout}")
+    if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fastreg.dropout: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {x.dtype}")
+
+
+def dropout_seeded(x: torch.Tensor, p: float, rng_state: torch.Tensor, mask_mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_input(x)
+    check_p(p)
+    _check_mode(mask_mode)
+    dense = memory_dense(x)
+    seed, offset = _rng_values(rng_state)
+    keep = keep_flat(dense.numel(), p, seed, offset, dense.device)
+    return _apply(dense, from_memory_order(keep, dense), p), _mask_for(keep, dense, mask_mode)
+
+
+def draw_rng_state(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """(seed, offset) for one call, drawn from the device's generator exactly as the kernels do."""
+    if device.type == "cuda":
+        gen = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
+        seed, offset = gen.initial_seed(), gen.get_offset()
+        gen.set_offset(offset + CUDA_OFFSET_INCREMENT)
+        return torch.tensor([seed - 2**64 if seed >= 2**63 else seed, offset], dtype=torch.int64, device=device)
+    seed = torch.randint(1 << 62, (1,), generator=generator, dtype=torch.int64)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64)]).to(device)
+
+
+def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generator | None = None):
+    _check_input(x)
+    check_p(p)
+    _check_mode(mask_mode)
+    rng_state = draw_rng_state(x.device, generator)
+    out, mask = dropout_seeded(x, p, rng_state, mask_mode)
+    return out, mask, rng_state
+
+
+def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, rng_state: torch.Tensor, p: float, mask_mode: int) -> torch.Tensor:
+    check_p(p)
+    _check_mode(mask_mode)
+    if mask_mode == BOOL:
+        keep = mask
+    else:
+        n = grad.numel()
+        flat = unpack_bits(mask, n) if mask_mode == BITS else keep_flat(n, p, *_rng_values(rng_state), grad.device)
+        keep = from_memory_order(flat, grad)
+    return _apply(grad, keep, p)
