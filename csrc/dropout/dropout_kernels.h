@@ -40,9 +40,10 @@ void dropout_forward_cpu(const DropoutArgs& args, DropoutRngState rng, int64_t g
 // grad_input = grad_output * keep * scale; keep from mask (Bits/Bool) or regenerated.
 void dropout_backward_cpu(const DropoutArgs& args, DropoutRngState rng, int64_t group_begin, int64_t group_end);
 
-// CUDA: one launch on `stream` (a cudaStream_t). In backward, args.input is grad_output
-// and args.output is grad_input.
-void dropout_forward_cuda(const DropoutArgs& args, const DropoutRngSource& rng, void* stream);
-void dropout_backward_cuda(const DropoutArgs& args, const DropoutRngSource& rng, void* stream);
+// CUDA: one launch on `stream` (a cudaStream_t); returns the cudaError_t of the launch.
+// In backward, args.input is grad_output and args.output is grad_input. The forward
+// launch writes the resolved {seed, offset} to rng.state_out, even for n == 0.
+int dropout_forward_cuda(const DropoutArgs& args, const DropoutRngSource& rng, void* stream);
+int dropout_backward_cuda(const DropoutArgs& args, const DropoutRngSource& rng, void* stream);
 
 }  // namespace fastreg

@@ -35,10 +35,13 @@ std::tuple<at::Tensor, at::Tensor> forward_with_state(const at::Tensor& input, d
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, int64_t mask_mode,
                                                            std::optional<at::Generator> generator) {
   // The same draw as the reference: one randint from the CPU generator is the Philox key.
+  check_strided(input, "fastreg.dropout", "input");
+  kernel_dtype(input, "fastreg.dropout");
   at::Tensor rng_state = at::zeros({2}, at::kLong);
-  rng_state[0] = at::randint(int64_t{1} << 62, {1}, generator, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
+  rng_state.data_ptr<int64_t>()[0] =
+      at::randint(int64_t{1} << 62, {1}, generator, at::TensorOptions().dtype(at::kLong)).data_ptr<int64_t>()[0];
   auto [out, mask] = forward_with_state(input, p, host_rng_state(rng_state), mask_mode);
-  return {out, mask, rng_state};
+  return {out, mask, rng_state.to(input.device())};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_seeded_cpu(const at::Tensor& input, double p, const at::Tensor& rng_state,
