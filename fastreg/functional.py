@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .ops import dropout as _dropout_ops  # noqa: F401  (defines the ops)
-from .reference.dropout import check_p
+from .reference.dropout import check_input, check_p
 
 #: mask storage for backward -> the op's mask_mode
 MASK_MODES = {"regenerate": 0, "bits": 1, "bool": 2}
@@ -34,6 +34,7 @@ def dropout_with_mask(
     mode = _mask_mode(mask_mode)
     if mode == MASK_MODES["regenerate"]:
         raise ValueError("dropout_with_mask needs mask_mode 'bool' or 'bits'")
+    check_input(input)
     if not training:
         keep = torch.ones_like(input, dtype=torch.bool)
         return input, keep if mode == MASK_MODES["bool"] else _ones_bits(input)
@@ -65,6 +66,7 @@ def dropout(
     mode = _mask_mode(mask_mode)
     if not training:
         return input
+    check_input(input)
     output = torch.ops.fastreg.dropout(input, p, mode, generator)[0]
     if inplace:
         return input.copy_(output)

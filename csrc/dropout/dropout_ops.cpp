@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/cpu_output_pool.h"
 #include "dropout_glue.h"
 
 namespace fastreg {
@@ -23,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> forward_with_state(const at::Tensor& input, d
   check_dropout_p(p);
   const MaskMode mode = dropout_mask_mode(mask_mode);
   const at::Tensor in = memory_dense(input);
-  at::Tensor out = at::empty_like(in);
+  at::Tensor out = empty_like_pooled(in);
   at::Tensor mask = new_dropout_mask(in, mode);
   const DropoutArgs args = dropout_args(in, out, mask, p, mode, op);
   const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
@@ -41,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& inp
   rng_state.data_ptr<int64_t>()[0] =
       at::randint(int64_t{1} << 62, {1}, generator, at::TensorOptions().dtype(at::kLong)).data_ptr<int64_t>()[0];
   auto [out, mask] = forward_with_state(input, p, host_rng_state(rng_state), mask_mode);
-  return {out, mask, rng_state.to(input.device())};
+  return {out, mask, rng_state};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_seeded_cpu(const at::Tensor& input, double p, const at::Tensor& rng_state,
@@ -59,7 +60,7 @@ at::Tensor dropout_backward_cpu_op(const at::Tensor& grad_output, const at::Tens
   const MaskMode mode = dropout_mask_mode(mask_mode);
   TORCH_CHECK(grad_output.is_non_overlapping_and_dense(), op, ": grad_output must be dense in the forward output's layout");
   check_saved_mask(mask, grad_output, mode);
-  at::Tensor grad_input = at::empty_like(grad_output);
+  at::Tensor grad_input = empty_like_pooled(grad_output);
   at::Tensor mask_arg = mask;
   const DropoutArgs args = dropout_args(grad_output, grad_input, mask_arg, p, mode, op);
   const DropoutRngState rng = host_rng_state(rng_state);

@@ -13,6 +13,7 @@ class Dropout(torch.nn.Dropout):
     mask kept for backward), "bits" (1 bit per element) or "bool" (1 byte per element)."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False, mask_mode: str = F.DEFAULT_MASK_MODE) -> None:
+        F.check_p(p)  # torch.nn.Dropout lets NaN through
         super().__init__(p, inplace)
         F._mask_mode(mask_mode)
         self.mask_mode = mask_mode

@@ -80,7 +80,7 @@ def _check_mode(mask_mode: int) -> None:
         raise ValueError(f"fastreg.dropout: mask_mode must be 0 (regenerate), 1 (bits) or 2 (bool), got {mask_mode}")
 
 
-def _check_input(x: torch.Tensor) -> None:
+def check_input(x: torch.Tensor) -> None:
     if x.layout != torch.strided:
         raise RuntimeError(f"fastreg.dropout: input must be a strided (dense) tensor, got layout {x.layout}")
     if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
@@ -88,7 +88,7 @@ def _check_input(x: torch.Tensor) -> None:
 
 
 def dropout_seeded(x: torch.Tensor, p: float, rng_state: torch.Tensor, mask_mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_input(x)
+    check_input(x)
     check_p(p)
     _check_mode(mask_mode)
     dense = memory_dense(x)
@@ -109,7 +109,7 @@ def draw_rng_state(device: torch.device, generator: torch.Generator | None) -> t
 
 
 def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generator | None = None):
-    _check_input(x)
+    check_input(x)
     check_p(p)
     _check_mode(mask_mode)
     rng_state = draw_rng_state(x.device, generator)

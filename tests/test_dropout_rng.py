@@ -1,0 +1,144 @@
+"""The random stream: Philox known answers, bit-identity of kernels and reference, generator
+semantics, and statistics of the keep decisions."""
+
+import math
+
+import pytest
+import torch
+
+import fastreg.functional as F
+from fastreg.reference import dropout as ref
+from fastreg.reference.philox import philox4x32_10
+
+from .helpers import DEVICES, FLOAT_DTYPES, kernel_available
+
+# Published known-answer vectors of Philox4x32-10 (Random123 kat_vectors).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
+def test_reference_philox_matches_known_answers(counter, key, expected):
+    words = philox4x32_10([torch.tensor([c], dtype=torch.int64) for c in counter], key)
+    assert tuple(int(w) for w in words) == expected
+
+
+def rng_state(seed, offset, device):
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 4099])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_kernel_is_bit_identical_to_reference(device, dtype, n, mode):
+    x = torch.randn(n, device=device).to(dtype)
+    state = rng_state(0x1234_5678_9ABC, 3, device)
+    out, mask = torch.ops.fastreg.dropout_seeded(x, 0.3, state, mode)
+    ref_out, ref_mask = ref.dropout_seeded(x, 0.3, state, mode)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(mask, ref_mask)
+    grad = torch.randn(n, device=device).to(dtype)
+    assert torch.equal(
+        torch.ops.fastreg.dropout_backward(grad, mask, state, 0.3, mode), ref.dropout_backward(grad, ref_mask, state, 0.3, mode)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_and_cuda_kernels_give_the_same_masks(dtype):
+    assert kernel_available("cuda") and kernel_available("cpu")
+    x = torch.randn(3, 1000, 17).to(dtype)
+    cpu = torch.ops.fastreg.dropout_seeded(x, 0.4, rng_state(99, 12, "cpu"), 1)
+    cuda = torch.ops.fastreg.dropout_seeded(x.cuda(), 0.4, rng_state(99, 12, "cuda"), 1)
+    assert torch.equal(cpu[1], cuda[1].cpu())
+    assert torch.equal(cpu[0], cuda[0].cpu())
+
+
+def test_philox_lanes_follow_the_spec():
+    # Element 8g+j keeps iff lane j of Philox(counter=(g, 0, offset, 0), key=seed) < threshold.
+    seed, offset, p = 77, 5, 0.5
+    keep = ref.keep_flat(16, p, seed, offset)
+    words = philox4x32_10([torch.tensor([1]), torch.tensor([0]), torch.tensor([offset]), torch.tensor([0])], (seed, 0))
+    lanes = [half for w in words for half in (int(w) & 0xFFFF, int(w) >> 16)]
+    assert keep[8:16].tolist() == [lane < ref.keep_threshold(p) for lane in lanes]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_manual_seed_reproduces_and_consecutive_calls_differ(device):
+    x = torch.ones(4096, device=device)
+    torch.manual_seed(1)
+    a, b = F.dropout(x, 0.5), F.dropout(x, 0.5)
+    torch.manual_seed(1)
+    a2 = F.dropout(x, 0.5)
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fork_rng_and_explicit_generator(device):
+    x = torch.ones(4096, device=device)
+    with torch.random.fork_rng(devices=[0] if device == "cuda" else []):
+        inside = F.dropout(x, 0.5)
+    after = F.dropout(x, 0.5)
+    assert torch.equal(inside, after), "fork_rng must restore the generator state"
+    g1, g2 = torch.Generator(device=device).manual_seed(5), torch.Generator(device=device).manual_seed(5)
+    assert torch.equal(F.dropout(x, 0.5, generator=g1), F.dropout(x, 0.5, generator=g2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_draws_rng_state_like_the_reference(device):
+    x = torch.randn(100, device=device)
+    torch.manual_seed(3)
+    out, _, state = torch.ops.fastreg.dropout(x, 0.5, 0)
+    torch.manual_seed(3)
+    ref_out, _, ref_state = ref.dropout(x, 0.5, 0)
+    assert torch.equal(state, ref_state) and torch.equal(out, ref_out)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_drop_rate_within_binomial_interval(p):
+    n = 1 << 20
+    torch.manual_seed(0)
+    dropped = int((F.dropout(torch.ones(n), p) == 0).sum())
+    q = 1.0 - ref.keep_threshold(p) / ref.RESOLUTION
+    sigma = math.sqrt(n * q * (1 - q))
+    assert abs(dropped - n * q) < 5 * sigma
+
+
+def test_expected_value_is_preserved_exactly():
+    # scale is 1 / (quantized keep probability): keep probability * scale == 1 up to rounding.
+    for p in [0.1, 0.3, 1 / 3, 0.5, 0.77]:
+        t = ref.keep_threshold(p)
+        assert abs(ref.keep_scale(t) * t / ref.RESOLUTION - 1.0) < 1e-15
+    torch.manual_seed(0)
+    mean = F.dropout(torch.ones(1 << 22, dtype=torch.float64), 0.3).mean().item()
+    assert abs(mean - 1.0) < 5 * math.sqrt(0.3 / 0.7 / (1 << 22))
+
+
+def test_neighbours_and_consecutive_calls_are_uncorrelated():
+    n = 1 << 20
+    torch.manual_seed(0)
+    a = (F.dropout(torch.ones(n), 0.5) != 0).float()
+    b = (F.dropout(torch.ones(n), 0.5) != 0).float()
+    bound = 5 / math.sqrt(n)
+    for lag in (1, 2, 7, 8, 9, 64):
+        assert abs(torch.corrcoef(torch.stack([a[:-lag], a[lag:]]))[0, 1]) < bound, f"lag {lag}"
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < bound
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_different_seeds_and_offsets_give_different_masks(device):
+    x = torch.ones(4096, device=device)
+    masks = {
+        (s, o): torch.ops.fastreg.dropout_seeded(x, 0.5, rng_state(s, o, device), 1)[1].cpu()
+        for s in (0, 1, 2**40)
+        for o in (0, 4, 2**33)
+    }
+    keys = list(masks)
+    for i, k in enumerate(keys):
+        for other in keys[i + 1 :]:
+            assert not torch.equal(masks[k], masks[other]), (k, other)

@@ -1,0 +1,180 @@
+"""fastreg dropout behaves like torch.nn's: arguments, values, layouts, modules, errors."""
+
+import warnings
+
+import pytest
+import torch
+
+import fastreg
+import fastreg.functional as F
+from fastreg.reference import dropout as ref
+
+from .helpers import DEVICES, FLOAT_DTYPES
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.1, float("nan")])
+def test_bad_p_raises_value_error_like_torch(p):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        F.dropout(torch.ones(3), p)
+    if p == p:  # torch's own check lets NaN through to a RuntimeError; ours rejects it up front
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            torch.nn.functional.dropout(torch.ones(3), p)
+    with pytest.raises(ValueError):
+        fastreg.Dropout(p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_p_zero_keeps_values_and_p_one_zeroes(device, dtype):
+    x = torch.randn(1000, device=device).to(dtype)
+    assert torch.equal(F.dropout(x, 0.0), x)
+    assert torch.equal(F.dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_eval_mode_returns_the_input_unchanged():
+    x = torch.randn(10, 10)
+    m = fastreg.Dropout(0.5).eval()
+    assert m(x) is x
+    assert F.dropout(x, 0.5, training=False) is x
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kept_values_are_scaled_and_dropped_are_zero(dtype):
+    x = torch.rand(10000).to(dtype) + 1
+    y = F.dropout(x, 0.25)
+    scale = ref.keep_scale(ref.keep_threshold(0.25))
+    kept = y != 0
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert torch.equal(y[kept], (x[kept].to(compute) * scale).to(dtype))
+    assert 0.2 < 1 - kept.float().mean() < 0.3
+
+
+def layouts(device):
+    base = torch.randn(4, 6, 5, 7, device=device)
+    return {
+        "contiguous": base,
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "permuted": base.permute(2, 0, 3, 1),
+        "transposed": base.transpose(0, 3),
+        "sliced": base[:, ::2, 1:],
+        "expanded": torch.randn(1, 6, 1, 7, device=device).expand(4, 6, 5, 7),
+        "scalar": torch.tensor(3.0, device=device),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", list(layouts("cpu")))
+def test_outputs_and_grads_keep_memory_format(device, layout):
+    x = layouts(device)[layout].clone() if layout == "expanded" else layouts(device)[layout]
+    x = x.detach().requires_grad_()
+    y = F.dropout(x, 0.5)
+    assert y.shape == x.shape
+    assert y.stride() == torch.empty_like(x).stride()
+    dropped = (y == 0) & (x != 0)
+    assert torch.allclose(y[~dropped], x[~dropped] * 2)
+    grad = torch.randn_like(y).contiguous()  # a differently laid-out grad must still map to the right mask
+    y.backward(grad)
+    assert torch.equal(x.grad == 0, dropped | (grad == 0))
+    assert torch.allclose(x.grad[~dropped], grad[~dropped] * 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_input_is_materialised_not_aliased(device):
+    x = torch.randn(1, 1000, device=device).expand(8, 1000)
+    y = F.dropout(x, 0.5)
+    assert y.is_contiguous()
+    assert not torch.equal((y[0] == 0), (y[1] == 0)), "each of the 8 rows must get its own decisions"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_modifies_the_input(device):
+    x = torch.ones(1000, device=device)
+    y = F.dropout(x, 0.5, inplace=True)
+    assert y is x
+    assert set(x.unique().tolist()) <= {0.0, 2.0}
+    m = fastreg.Dropout(0.5, inplace=True)
+    z = torch.ones(1000, device=device)
+    assert m(z) is z
+
+
+def test_inplace_on_leaf_requiring_grad_raises_like_torch():
+    x = torch.ones(10, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.dropout(x, 0.5, inplace=True)
+    with pytest.raises(RuntimeError):
+        F.dropout(x, 0.5, inplace=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(F.MASK_MODES))
+def test_empty_tensors(device, mode):
+    x = torch.empty(0, 3, device=device, requires_grad=True)
+    y = F.dropout(x, 0.5, mask_mode=mode)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3)
+
+
+def test_autocast_keeps_dtype_like_torch():
+    x = torch.randn(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.dropout(x, 0.5).dtype == torch.nn.functional.dropout(x, 0.5).dtype
+        h = torch.nn.functional.linear(x, torch.randn(64, 64))
+        assert F.dropout(h, 0.5).dtype == torch.nn.functional.dropout(h, 0.5).dtype == torch.bfloat16
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(TypeError, match="floating-point"):
+        F.dropout(torch.ones(3, dtype=torch.int64), 0.5)
+    with pytest.raises(RuntimeError, match="strided"):
+        F.dropout(torch.eye(3).to_sparse(), 0.5)
+    with pytest.raises(ValueError, match="mask_mode"):
+        F.dropout(torch.ones(3), 0.5, mask_mode="bytes")
+    with pytest.raises(ValueError, match="mask_mode"):
+        torch.ops.fastreg.dropout(torch.ones(3), 0.5, 7)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.fastreg.dropout_backward(torch.ones(16), torch.ones(1, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 0.5, 1)
+
+
+def test_module_is_a_drop_in_for_torch_nn_dropout():
+    m = fastreg.Dropout(0.3, inplace=False)
+    t = torch.nn.Dropout(0.3)
+    assert isinstance(m, torch.nn.Dropout)
+    assert m.state_dict().keys() == t.state_dict().keys()
+    assert "p=0.3" in repr(m) and "mask_mode='regenerate'" in repr(m)
+    with pytest.raises(ValueError):
+        fastreg.Dropout(0.3, mask_mode="nope")
+
+
+@pytest.mark.parametrize(
+    "module,shape,channel_dims",
+    [
+        (fastreg.Dropout1d, (4, 8, 100), 2),
+        (fastreg.Dropout1d, (8, 100), 1),
+        (fastreg.Dropout2d, (4, 8, 10, 10), 2),
+        (fastreg.Dropout3d, (4, 8, 3, 5, 5), 2),
+        (fastreg.Dropout3d, (8, 3, 5, 5), 1),
+    ],
+)
+def test_feature_dropout_zeroes_whole_channels(module, shape, channel_dims):
+    torch.manual_seed(0)
+    x = torch.rand(shape) + 1
+    y = module(0.5)(x)
+    per_channel = y.reshape(*shape[:channel_dims], -1)
+    zero = (per_channel == 0).all(-1)
+    kept = (per_channel != 0).all(-1)
+    assert bool((zero | kept).all()), "a channel is either all dropped or all kept"
+    assert zero.any() and kept.any()
+    assert torch.allclose(per_channel[kept], x.reshape(*shape[:channel_dims], -1)[kept] * 2)
+
+
+def test_feature_dropout_errors_and_warnings_match_torch():
+    with pytest.raises(RuntimeError, match="dropout1d"):
+        fastreg.Dropout1d()(torch.ones(2, 3, 4, 5))
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        fastreg.Dropout2d()(torch.ones(2, 3, 4))
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        torch.nn.Dropout2d()(torch.ones(2, 3, 4))
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
