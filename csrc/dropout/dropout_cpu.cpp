@@ -74,6 +74,32 @@ typename Compute<T>::type keep_scale(const DropoutArgs& args) {
   }
 }
 
+// Element conversions. bfloat16 is rounded branch-free (nearest-even, NaN -> 0x7FC0, the
+// same bits as c10::BFloat16) so the group loop vectorises; c10's version branches on NaN.
+template <typename Acc, typename T>
+inline Acc to_acc(T v) {
+  return static_cast<Acc>(v);
+}
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T, typename Acc>
+inline T from_acc(Acc v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16, float>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 // multipliers[b][j] = (bit j of b) ? scale : 0: one table row turns a keep byte into the
 // eight factors of its group, so applying a group is one SIMD multiply. x * 0 (not a
 // select) keeps torch's semantics for NaN and inf inputs.
@@ -112,7 +138,7 @@ void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute
   for (int64_t g = 0; g < full_groups; ++g) {
     const Acc* multiplier = table.row[bits[g]];
     alignas(16) T result[kDropoutGroup];
-    for (int j = 0; j < kDropoutGroup; ++j) result[j] = static_cast<T>(static_cast<Acc>(in[g * kDropoutGroup + j]) * multiplier[j]);
+    for (int j = 0; j < kDropoutGroup; ++j) result[j] = from_acc<T>(to_acc<Acc>(in[g * kDropoutGroup + j]) * multiplier[j]);
     if (streaming) {
       store_group(out + g * kDropoutGroup, result);
     } else {
@@ -120,7 +146,7 @@ void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute
     }
   }
   for (int64_t local = full_groups * kDropoutGroup; local < e1 - e0; ++local) {
-    out[local] = static_cast<T>(static_cast<Acc>(in[local]) * table.row[bits[local >> 3]][local & 7]);
+    out[local] = from_acc<T>(to_acc<Acc>(in[local]) * table.row[bits[local >> 3]][local & 7]);
   }
 }
 
