@@ -10,7 +10,7 @@ import fastreg.functional as F
 from fastreg.reference import dropout as ref
 from fastreg.reference.philox import philox4x32_10
 
-from .helpers import DEVICES, FLOAT_DTYPES, kernel_available
+from .helpers import DEVICES, FLOAT_DTYPES, kernel_available, require_kernel
 
 # Published known-answer vectors of Philox4x32-10 (Random123 kat_vectors).
 PHILOX_KAT = [
@@ -35,6 +35,7 @@ def rng_state(seed, offset, device):
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 4099])
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_kernel_is_bit_identical_to_reference(device, dtype, n, mode):
+    require_kernel(device)
     x = torch.randn(n, device=device).to(dtype)
     state = rng_state(0x1234_5678_9ABC, 3, device)
     out, mask = torch.ops.fastreg.dropout_seeded(x, 0.3, state, mode)
@@ -91,6 +92,7 @@ def test_fork_rng_and_explicit_generator(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_draws_rng_state_like_the_reference(device):
+    require_kernel(device)
     x = torch.randn(100, device=device)
     torch.manual_seed(3)
     out, _, state = torch.ops.fastreg.dropout(x, 0.5, 0)

@@ -117,9 +117,22 @@ def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generato
     return out, mask, rng_state
 
 
+def _check_saved_mask(mask: torch.Tensor, grad: torch.Tensor, mask_mode: int) -> None:
+    if mask_mode == REGENERATE:
+        return
+    expected = (grad.numel() + GROUP - 1) // GROUP if mask_mode == BITS else grad.numel()
+    dtype = torch.uint8 if mask_mode == BITS else torch.bool
+    if mask.numel() != expected or mask.dtype != dtype or mask.device != grad.device:
+        raise RuntimeError(
+            f"fastreg.dropout_backward: mask ({mask.numel()} x {mask.dtype} on {mask.device}) does not fit mask_mode "
+            f"{mask_mode}: expected {expected} x {dtype} on {grad.device}"
+        )
+
+
 def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, rng_state: torch.Tensor, p: float, mask_mode: int) -> torch.Tensor:
     check_p(p)
     _check_mode(mask_mode)
+    _check_saved_mask(mask, grad, mask_mode)
     if mask_mode == BOOL:
         keep = mask
     else:
