@@ -126,15 +126,10 @@ inline void store_group(T* dst, const T (&src)[kDropoutGroup]) {
 #endif
 }
 
-// Elements [e0, e1) of one block whose keep bits are bits[(e - e0) / 8] >> ((e - e0) % 8).
-template <typename T>
-void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute<T>::type>& table, const uint8_t* bits,
-                 int64_t e0, int64_t e1) {
-  using Acc = typename Compute<T>::type;
-  const T* in = static_cast<const T*>(args.input) + e0;
-  T* out = static_cast<T*>(args.output) + e0;
-  const int64_t full_groups = (e1 - e0) / kDropoutGroup;
-  const bool streaming = (reinterpret_cast<uintptr_t>(out) & 15u) == 0;
+// Full groups of one block, any dtype: a table row per keep byte, one multiply per group.
+template <typename T, typename Acc>
+void apply_groups(const T* in, T* out, const MultiplierTable<Acc>& table, const uint8_t* bits, int64_t full_groups,
+                  bool streaming) {
   for (int64_t g = 0; g < full_groups; ++g) {
     const Acc* multiplier = table.row[bits[g]];
     alignas(16) T result[kDropoutGroup];
@@ -144,6 +139,44 @@ void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute
     } else {
       std::memcpy(out + g * kDropoutGroup, result, sizeof(result));
     }
+  }
+}
+
+// Full groups of a bfloat16 block on raw 16-bit words, cloned per ISA: widening, multiply,
+// nearest-even rounding and narrowing all vectorise once AVX2 is there.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void apply_bf16_groups(const uint16_t* in, uint16_t* out, const uint8_t* bits, int64_t groups,
+                       const float (*rows)[kDropoutGroup]) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* multiplier = rows[bits[g]];
+    for (int j = 0; j < kDropoutGroup; ++j) {
+      const uint32_t widened = static_cast<uint32_t>(in[g * kDropoutGroup + j]) << 16;
+      float value;
+      std::memcpy(&value, &widened, sizeof(value));
+      value *= multiplier[j];
+      uint32_t b;
+      std::memcpy(&b, &value, sizeof(b));
+      const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+      out[g * kDropoutGroup + j] = static_cast<uint16_t>(nan ? 0x7FC0u : (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    }
+  }
+}
+
+// Elements [e0, e1) of one block whose keep bits are bits[(e - e0) / 8] >> ((e - e0) % 8).
+template <typename T>
+void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute<T>::type>& table, const uint8_t* bits,
+                 int64_t e0, int64_t e1) {
+  using Acc = typename Compute<T>::type;
+  const T* in = static_cast<const T*>(args.input) + e0;
+  T* out = static_cast<T*>(args.output) + e0;
+  const int64_t full_groups = (e1 - e0) / kDropoutGroup;
+  const bool streaming = (reinterpret_cast<uintptr_t>(out) & 15u) == 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    apply_bf16_groups(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out), bits, full_groups, table.row);
+  } else {
+    apply_groups(in, out, table, bits, full_groups, streaming);
   }
   for (int64_t local = full_groups * kDropoutGroup; local < e1 - e0; ++local) {
     out[local] = from_acc<T>(to_acc<Acc>(in[local]) * table.row[bits[local >> 3]][local & 7]);
