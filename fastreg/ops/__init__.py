@@ -1,3 +1,4 @@
 """Op definitions: schema, reference fallback, fake (meta) kernel and autograd, per op family."""
 
 from . import dropout  # noqa: F401  (defines fastreg::dropout*)
+from . import weight_penalty  # noqa: F401  (defines fastreg::weight_penalty*)

@@ -1,0 +1,340 @@
+// CUDA weight penalty: a multi-tensor pass (one thread block per chunk of kPenaltyChunkCuda
+// elements of any tensor), then one tiny kernel that adds the blocks' partial sums in a fixed
+// order. Framework-free: plain pointers and a stream; weight_penalty_ops_cuda.cpp is the glue.
+//
+// Multi-tensor: tensor pointers, sizes, dtypes and each tensor's first block travel by value
+// in a kernel-argument table (under 4 KB), so a launch needs no device-side copy of metadata:
+// nothing to synchronise, and CUDA-graph capture records the table with the launch. Up to
+// kMaxTensors tensors per launch (ResNet-50's 161 tensors: 2 launches + the final one).
+//
+// Determinism: every element has a fixed thread and position in that thread's sequence, the
+// block reduction is a fixed shuffle tree, partials go to a slot per block (no atomics), and
+// the final kernel adds them in a fixed order. Alignment does not change the order either:
+// misaligned tensors take scalar loads of the same packs.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "weight_penalty_kernels.h"
+
+namespace fastreg {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;  // 16-byte packs per thread in flight: enough bytes in the air for HBM
+constexpr int kMaxTensors = 128;
+constexpr int kFinalThreads = 512;
+constexpr int64_t kMaxBlocksPerLaunch = int64_t{1} << 30;  // grid.x allows 2^31 - 1
+
+struct LaunchTable {
+  const void* param[kMaxTensors];
+  void* grad[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t partial_base;                  // the partial-sum slot of this launch's block 0
+  int32_t first_block[kMaxTensors + 1];  // first_block[count] = blocks in this launch
+  int32_t count;
+  uint8_t dtype[kMaxTensors];
+};
+
+struct KernelScalars {
+  double l1, l2;
+  const void* grad_output;  // Backward: device scalar
+  DType grad_output_dtype;
+};
+
+static_assert(sizeof(LaunchTable) + sizeof(KernelScalars) + sizeof(double*) <= 4096,
+              "kernel arguments must fit the classic 4 KB limit");
+
+// Compute type and conversions: fp32 for fp32/fp16/bf16, fp64 for fp64; round to nearest even.
+template <typename T>
+struct Compute {
+  using type = float;
+};
+template <>
+struct Compute<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_compute(float x) { return x; }
+__device__ __forceinline__ double to_compute(double x) { return x; }
+__device__ __forceinline__ float to_compute(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_compute(typename Compute<T>::type x);
+template <>
+__device__ __forceinline__ float from_compute<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_compute<double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __half from_compute<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Explicitly rounded arithmetic: no contraction into FMA, so gradients have autograd's bits.
+__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
+
+template <typename A>
+__device__ __forceinline__ A sign_of(A x) {
+  return static_cast<A>(x > A(0)) - static_cast<A>(x < A(0));  // 0 for +-0 and NaN, like torch.sign
+}
+
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// Pack `index` of a chunk of `len` elements: one 16-byte access when whole and aligned, else
+// element by element (missing elements read as 0 and are never written).
+template <typename T>
+__device__ __forceinline__ void load_pack(const T* p, int64_t index, int64_t len, bool aligned, Pack<T>& pack) {
+  constexpr int V = Pack<T>::kSize;
+  const int64_t e = index * V;
+  if (aligned && e + V <= len) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p + e);  // one 128-bit load, whatever T is
+    memcpy(&pack, &raw, sizeof(raw));
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) pack.v[k] = e + k < len ? p[e + k] : from_compute<T>(0);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t index, int64_t len, bool aligned, const Pack<T>& pack) {
+  constexpr int V = Pack<T>::kSize;
+  const int64_t e = index * V;
+  if (aligned && e + V <= len) {
+    uint4 raw;
+    memcpy(&raw, &pack, sizeof(raw));
+    *reinterpret_cast<uint4*>(p + e) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (e + k < len) p[e + k] = pack.v[k];
+    }
+  }
+}
+
+// One chunk: thread t handles packs t, t + kThreads, ... in increasing order, kUnroll at a time.
+template <typename T, PenaltyMode M>
+__device__ __forceinline__ void penalty_chunk(const T* __restrict__ w, T* __restrict__ g, int64_t len,
+                                              typename Compute<T>::type c1, typename Compute<T>::type c2x2, double& s1,
+                                              double& s2) {
+  using A = typename Compute<T>::type;
+  constexpr int V = Pack<T>::kSize;
+  const int64_t packs = (len + V - 1) / V;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(g)) & 15) == 0;
+  for (int64_t base = threadIdx.x; base < packs; base += int64_t{kUnroll} * kThreads) {
+    Pack<T> wp[kUnroll], gp[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll independent requests in flight
+      const int64_t index = base + int64_t{u} * kThreads;
+      if (index < packs) {
+        load_pack(w, index, len, aligned, wp[u]);
+        if constexpr (M == PenaltyMode::Accumulate) load_pack(g, index, len, aligned, gp[u]);
+      }
+    }
+    A t1 = 0, t2 = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t index = base + int64_t{u} * kThreads;
+      if (index >= packs) continue;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (index * V + k >= len) continue;
+        const A x = to_compute(wp[u].v[k]);
+        if constexpr (M != PenaltyMode::Backward) {
+          t1 = add(t1, x < A(0) ? -x : x);
+          t2 = add(t2, mul(x, x));
+        }
+        if constexpr (M != PenaltyMode::Value) {
+          const A step = add(mul(c1, sign_of(x)), mul(c2x2, x));
+          const A out = M == PenaltyMode::Accumulate ? add(to_compute(gp[u].v[k]), step) : step;
+          gp[u].v[k] = from_compute<T>(out);
+        }
+      }
+      if constexpr (M != PenaltyMode::Value) store_pack(g, index, len, aligned, gp[u]);
+    }
+    s1 += t1;  // short fp32 runs, then double: tiny rounding error at no bandwidth cost
+    s2 += t2;
+  }
+}
+
+// Fixed-order block sum of two doubles; thread 0 gets the result.
+template <int kBlockThreads>
+__device__ __forceinline__ void block_sum(double& a, double& b) {
+  __shared__ double warp_a[kBlockThreads / 32], warp_b[kBlockThreads / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_a[warp] = a;
+    warp_b[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kBlockThreads / 32 ? warp_a[lane] : 0.0;
+    b = lane < kBlockThreads / 32 ? warp_b[lane] : 0.0;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      a += __shfl_down_sync(0xffffffffu, a, offset);
+      b += __shfl_down_sync(0xffffffffu, b, offset);
+    }
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void coefficients(PenaltyMode mode, const KernelScalars& s, A& c1, A& c2x2) {
+  const A l1 = static_cast<A>(s.l1), l2 = static_cast<A>(s.l2);
+  if (mode == PenaltyMode::Backward) {
+    const A go = s.grad_output_dtype == DType::Float64 ? static_cast<A>(*static_cast<const double*>(s.grad_output))
+                                                       : static_cast<A>(*static_cast<const float*>(s.grad_output));
+    c1 = mul(go, l1);
+    c2x2 = mul(A(2), mul(go, l2));
+  } else {
+    c1 = l1;
+    c2x2 = mul(A(2), l2);
+  }
+}
+
+template <typename T, PenaltyMode M>
+__device__ __forceinline__ void run_chunk(const LaunchTable& table, const KernelScalars& scalars, int t, int64_t begin,
+                                          int64_t len, double& s1, double& s2) {
+  using A = typename Compute<T>::type;
+  A c1, c2x2;
+  coefficients<A>(M, scalars, c1, c2x2);
+  const T* w = static_cast<const T*>(table.param[t]) + begin;
+  T* g = table.grad[t] == nullptr ? nullptr : static_cast<T*>(table.grad[t]) + begin;
+  penalty_chunk<T, M>(w, g, len, c1, c2x2, s1, s2);
+}
+
+template <PenaltyMode M>
+__global__ void __launch_bounds__(kThreads, 4)
+    penalty_kernel(const __grid_constant__ LaunchTable table, const __grid_constant__ KernelScalars scalars,
+                   double* __restrict__ partials) {
+  // The tensor of this block: the last t with first_block[t] <= blockIdx.x (uniform per block).
+  const int block = static_cast<int>(blockIdx.x);
+  int lo = 0, hi = table.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (table.first_block[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int t = lo;
+  const int64_t begin = static_cast<int64_t>(block - table.first_block[t]) * kPenaltyChunkCuda;
+  const int64_t remaining = table.numel[t] - begin;
+  const int64_t len = remaining < kPenaltyChunkCuda ? remaining : kPenaltyChunkCuda;
+  double s1 = 0.0, s2 = 0.0;
+  switch (static_cast<DType>(table.dtype[t])) {
+    case DType::Float64: run_chunk<double, M>(table, scalars, t, begin, len, s1, s2); break;
+    case DType::Float32: run_chunk<float, M>(table, scalars, t, begin, len, s1, s2); break;
+    case DType::Float16: run_chunk<__half, M>(table, scalars, t, begin, len, s1, s2); break;
+    case DType::BFloat16: run_chunk<__nv_bfloat16, M>(table, scalars, t, begin, len, s1, s2); break;
+  }
+  if constexpr (M != PenaltyMode::Backward) {
+    block_sum<kThreads>(s1, s2);
+    if (threadIdx.x == 0) {
+      const int64_t slot = table.partial_base + block;
+      partials[2 * slot] = s1;
+      partials[2 * slot + 1] = s2;
+    }
+  }
+}
+
+// One block: thread t adds slots t, t + kFinalThreads, ...; then the fixed-order block sum.
+__global__ void __launch_bounds__(kFinalThreads)
+    penalty_final_kernel(const double* __restrict__ partials, int64_t slots, double l1, double l2, void* value_out,
+                         DType value_dtype) {
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t i = threadIdx.x; i < slots; i += kFinalThreads) {
+    s1 += partials[2 * i];
+    s2 += partials[2 * i + 1];
+  }
+  block_sum<kFinalThreads>(s1, s2);
+  if (threadIdx.x == 0) {
+    const double value = __dadd_rn(__dmul_rn(l1, s1), __dmul_rn(l2, s2));
+    if (value_dtype == DType::Float64) {
+      *static_cast<double*>(value_out) = value;
+    } else {
+      *static_cast<float*>(value_out) = static_cast<float>(value);
+    }
+  }
+}
+
+int64_t chunks_of(int64_t numel) { return (numel + kPenaltyChunkCuda - 1) / kPenaltyChunkCuda; }
+
+void launch(const LaunchTable& table, const KernelScalars& scalars, PenaltyMode mode, double* partials, int blocks,
+            cudaStream_t stream) {
+  switch (mode) {
+    case PenaltyMode::Value:
+      penalty_kernel<PenaltyMode::Value><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
+      break;
+    case PenaltyMode::Accumulate:
+      penalty_kernel<PenaltyMode::Accumulate><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
+      break;
+    case PenaltyMode::Backward:
+      penalty_kernel<PenaltyMode::Backward><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
+      break;
+  }
+}
+
+}  // namespace
+
+int64_t weight_penalty_cuda_blocks(const PenaltyTensor* tensors, int64_t count) {
+  int64_t blocks = 0;
+  for (int64_t i = 0; i < count; ++i) blocks += chunks_of(tensors[i].numel);
+  return blocks;
+}
+
+const char* weight_penalty_cuda(const PenaltyTensor* tensors, int64_t count, PenaltyMode mode, const PenaltyScalars& scalars,
+                                double* partials, void* value_out, DType value_dtype, void* stream) {
+  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  const KernelScalars kernel_scalars{scalars.l1, scalars.l2, scalars.grad_output, scalars.grad_output_dtype};
+  LaunchTable table{};
+  int64_t blocks_in_table = 0;
+  int64_t partial_base = 0;
+  auto flush = [&]() {
+    if (table.count == 0) return;
+    table.first_block[table.count] = static_cast<int32_t>(blocks_in_table);
+    table.partial_base = partial_base;
+    launch(table, kernel_scalars, mode, partials, static_cast<int>(blocks_in_table), cuda_stream);
+    partial_base += blocks_in_table;
+    blocks_in_table = 0;
+    table.count = 0;
+  };
+  for (int64_t i = 0; i < count; ++i) {
+    const PenaltyTensor& tensor = tensors[i];
+    if (tensor.numel == 0) continue;
+    const int64_t blocks = chunks_of(tensor.numel);
+    if (blocks > kMaxBlocksPerLaunch) return "fastreg.weight_penalty: a tensor is too large for one CUDA launch";
+    if (table.count == kMaxTensors || blocks_in_table + blocks > kMaxBlocksPerLaunch) flush();
+    const int c = table.count++;
+    table.param[c] = tensor.param;
+    table.grad[c] = tensor.grad;
+    table.numel[c] = tensor.numel;
+    table.dtype[c] = static_cast<uint8_t>(tensor.dtype);
+    table.first_block[c] = static_cast<int32_t>(blocks_in_table);
+    blocks_in_table += blocks;
+  }
+  flush();
+  if (mode != PenaltyMode::Backward) {
+    penalty_final_kernel<<<1, kFinalThreads, 0, cuda_stream>>>(partials, partial_base, scalars.l1, scalars.l2, value_out,
+                                                              value_dtype);
+  }
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+}  // namespace fastreg

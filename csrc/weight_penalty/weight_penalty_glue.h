@@ -1,0 +1,140 @@
+// Argument checks and kernel arguments shared by the CPU and CUDA weight-penalty glue.
+// The messages match fastreg/reference/weight_penalty.py, so both backends fail alike.
+#pragma once
+
+#include <cmath>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "../common/tensor_glue.h"
+#include "weight_penalty_kernels.h"
+
+namespace fastreg {
+
+inline void check_penalty_coefficient(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, "fastreg.weight_penalty: ", name,
+                    " must be a finite number >= 0, got ", value);
+}
+
+inline void check_penalty_coefficients(double l1, double l2) {
+  check_penalty_coefficient(l1, "l1");
+  check_penalty_coefficient(l2, "l2");
+}
+
+inline void check_penalty_param(const at::Tensor& p, size_t i, const at::Tensor& first) {
+  TORCH_CHECK(p.layout() == at::kStrided, "fastreg.weight_penalty: params[", i, "] has layout ", p.layout(),
+              "; only strided (dense) parameters are supported");
+  const at::ScalarType st = p.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                   "fastreg.weight_penalty: params[", i, "] has dtype ", st,
+                   "; expected a floating-point tensor (float64, float32, float16 or bfloat16)");
+  TORCH_CHECK(p.device() == first.device(), "fastreg.weight_penalty: params[", i, "] is on ", p.device(),
+              " but params[0] is on ", first.device(), "; pass the tensors of one device per call");
+}
+
+// float64 when any parameter is float64, else float32: the value's dtype and accumulation.
+inline at::ScalarType penalty_value_dtype(at::TensorList params) {
+  for (const at::Tensor& p : params) {
+    if (p.scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+inline at::TensorOptions penalty_value_options(at::TensorList params) {
+  const at::Device device = params.empty() ? at::Device(at::kCPU) : params[0].device();
+  return at::TensorOptions().dtype(penalty_value_dtype(params)).device(device);
+}
+
+// Kernel arguments plus the tensors they point into (dense copies of parameters that needed one).
+struct PenaltyBatch {
+  std::vector<at::Tensor> keep_alive;
+  std::vector<PenaltyTensor> tensors;
+
+  void add(const at::Tensor& param, void* grad) {
+    if (param.numel() == 0) return;
+    keep_alive.push_back(param);
+    tensors.push_back(PenaltyTensor{param.data_ptr(), grad, param.numel(), kernel_dtype(param, "fastreg.weight_penalty")});
+  }
+};
+
+inline PenaltyBatch penalty_value_batch(at::TensorList params) {
+  PenaltyBatch batch;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_penalty_param(params[i], i, params[0]);
+    batch.add(memory_dense(params[i]), nullptr);
+  }
+  return batch;
+}
+
+// Backward: one new tensor per parameter, laid out like the (dense) parameter.
+inline PenaltyBatch penalty_backward_batch(at::TensorList params, std::vector<at::Tensor>& outputs) {
+  PenaltyBatch batch;
+  outputs.clear();
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_penalty_param(params[i], i, params[0]);
+    const at::Tensor dense = memory_dense(params[i]);
+    outputs.push_back(at::empty_like(dense));
+    batch.add(dense, outputs.back().data_ptr());
+  }
+  return batch;
+}
+
+inline void check_penalty_grad(const at::Tensor& g, const at::Tensor& p, size_t i) {
+  TORCH_CHECK(g.layout() == at::kStrided, "fastreg.weight_penalty: grads[", i, "] is a sparse gradient (layout ",
+              g.layout(), "); the in-place penalty needs dense gradients (e.g. an nn.Embedding with sparse=False)");
+  TORCH_CHECK(g.device() == p.device(), "fastreg.weight_penalty: grads[", i, "] is on ", g.device(), " but params[", i,
+              "] is on ", p.device());
+  TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), "fastreg.weight_penalty: grads[", i, "] has dtype ", g.scalar_type(),
+                   " but params[", i, "] has dtype ", p.scalar_type());
+  TORCH_CHECK(g.sizes() == p.sizes(), "fastreg.weight_penalty: grads[", i, "] has shape ", g.sizes(), " but params[", i,
+              "] has shape ", p.sizes());
+  TORCH_CHECK(g.numel() == 0 || g.is_non_overlapping_and_dense(), "fastreg.weight_penalty: grads[", i,
+              "] is a view with gaps or overlapping elements (strides ", g.strides(),
+              "); the in-place update needs a dense gradient, e.g. torch.zeros_like(param)");
+  TORCH_CHECK(g.numel() == 0 || g.data_ptr() != p.data_ptr(), "fastreg.weight_penalty: grads[", i,
+              "] is the memory of params[", i, "]");
+}
+
+// Accumulate: the kernels walk a parameter and its gradient in the same memory order, so a
+// parameter laid out differently from its gradient is read through a copy in the gradient's layout.
+inline PenaltyBatch penalty_accumulate_batch(at::TensorList grads, at::TensorList params) {
+  TORCH_CHECK(grads.size() == params.size(), "fastreg.weight_penalty: got ", grads.size(), " gradients for ", params.size(),
+              " parameters");
+  PenaltyBatch batch;
+  std::unordered_map<const void*, size_t> seen;  // a gradient listed twice would be updated twice
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    check_penalty_param(p, i, params[0]);
+    check_penalty_grad(g, p, i);
+    if (g.numel() == 0) continue;
+    const auto [where, fresh] = seen.emplace(g.data_ptr(), i);
+    TORCH_CHECK(fresh, "fastreg.weight_penalty: grads[", i, "] and grads[", where->second,
+                "] share memory; list each parameter once");
+    at::Tensor w = p;
+    if (!p.is_non_overlapping_and_dense() || p.strides() != g.strides()) {
+      w = at::empty_strided(g.sizes(), g.strides(), g.options()).copy_(p);
+    }
+    batch.add(w, g.data_ptr());
+  }
+  return batch;
+}
+
+inline PenaltyScalars penalty_scalars(double l1, double l2) {
+  return PenaltyScalars{l1, l2, nullptr, DType::Float32};
+}
+
+// grad_output in the value's dtype and on the parameters' device; it stays a tensor, so no
+// host synchronisation is needed on CUDA.
+inline at::Tensor penalty_grad_output(const at::Tensor& grad_output, const at::TensorOptions& value_options) {
+  TORCH_CHECK(grad_output.numel() == 1, "fastreg.weight_penalty_backward: grad_output must have one element, got ",
+              grad_output.numel());
+  TORCH_CHECK(grad_output.device() == value_options.device(), "fastreg.weight_penalty_backward: grad_output is on ",
+              grad_output.device(), " but the parameters are on ", value_options.device());
+  return grad_output.to(value_options.dtype().toScalarType()).contiguous();
+}
+
+
+}  // namespace fastreg

@@ -1,0 +1,98 @@
+"""fastreg::weight_penalty_value, fastreg::weight_penalty_backward, fastreg::weight_penalty_grad_.
+
+All three take the parameters of one device (any mix of float64/32/16/bfloat16) and run as
+one multi-tensor pass. ``weight_penalty_value`` is differentiable (its backward is
+``weight_penalty_backward``); ``weight_penalty_grad_`` is the training-loop form that adds the
+penalty's gradient into existing gradients and returns the value, without autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._library import LIBRARY, define
+from ..memory_format import memory_dense
+from ..reference import weight_penalty as ref
+
+define("weight_penalty_value", "(Tensor[] params, float l1, float l2) -> Tensor", ref.weight_penalty_value)
+define(
+    "weight_penalty_backward",
+    "(Tensor grad_output, Tensor[] params, float l1, float l2) -> Tensor[]",
+    ref.weight_penalty_backward,
+)
+define(
+    "weight_penalty_grad_",
+    "(Tensor(a!)[] grads, Tensor[] params, float l1, float l2) -> Tensor",
+    ref.weight_penalty_grad_,
+)
+
+# Sparse tensors dispatch to the sparse keys; the reference's checks there reject them with a
+# clear message (the compiled kernels only serve strided CPU/CUDA tensors).
+for _name, _reference in (
+    ("weight_penalty_value", ref.weight_penalty_value),
+    ("weight_penalty_backward", ref.weight_penalty_backward),
+    ("weight_penalty_grad_", ref.weight_penalty_grad_),
+):
+    for _key in ("SparseCPU", "SparseCUDA"):
+        LIBRARY.impl(_name, _reference, _key)
+
+
+def _fake_value(params) -> torch.Tensor:
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((), dtype=ref.value_dtype(params), device=device)
+
+
+@torch.library.register_fake("fastreg::weight_penalty_value")
+def _value_fake(params, l1, l2):
+    ref.check_coefficients(l1, l2)
+    return _fake_value(params)
+
+
+@torch.library.register_fake("fastreg::weight_penalty_backward")
+def _backward_fake(grad_output, params, l1, l2):
+    ref.check_coefficients(l1, l2)
+    return [torch.empty_like(memory_dense(p)) for p in params]
+
+
+@torch.library.register_fake("fastreg::weight_penalty_grad_")
+def _grad_fake(grads, params, l1, l2):
+    ref.check_coefficients(l1, l2)
+    return _fake_value(params)
+
+
+def _value_setup(ctx, inputs, output):
+    params, l1, l2 = inputs
+    ctx.save_for_backward(*params)
+    ctx.l1, ctx.l2 = l1, l2
+
+
+def _value_grad(ctx, grad_output):
+    params = list(ctx.saved_tensors)
+    return torch.ops.fastreg.weight_penalty_backward(grad_output, params, ctx.l1, ctx.l2), None, None
+
+
+def _backward_setup(ctx, inputs, output):
+    grad_output, params, l1, l2 = inputs
+    ctx.save_for_backward(grad_output, *params)
+    ctx.l1, ctx.l2 = l1, l2
+
+
+def _backward_grad(ctx, grads_of_outputs):
+    # d out_i / d go = l1 * sign(w_i) + 2 * l2 * w_i;  d out_i / d w_i = 2 * l2 * go (sign is flat).
+    # Only reached by double backward (e.g. gradient penalties), so plain PyTorch is enough.
+    grad_output, *params = ctx.saved_tensors
+    go = grad_output.reshape(())
+    grad_go = torch.zeros((), dtype=torch.float64, device=grad_output.device)
+    grad_params = []
+    for gg, w in zip(grads_of_outputs, params):
+        if gg is None:
+            grad_params.append(None)
+            continue
+        wc = w.to(ref.compute_dtype(w.dtype))
+        grad_go = grad_go + (gg.to(wc.dtype) * (ctx.l1 * torch.sign(wc) + 2 * ctx.l2 * wc)).sum().to(torch.float64)
+        grad_params.append((gg.to(wc.dtype) * (2 * ctx.l2 * go.to(wc.dtype))).to(w.dtype))
+    return grad_go.to(grad_output.dtype).reshape(grad_output.shape), grad_params, None, None
+
+
+torch.library.register_autograd("fastreg::weight_penalty_value", _value_grad, setup_context=_value_setup)
+torch.library.register_autograd("fastreg::weight_penalty_backward", _backward_grad, setup_context=_backward_setup)

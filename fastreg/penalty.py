@@ -1,0 +1,287 @@
+"""L1/L2 weight penalties over many parameters in one multi-tensor pass.
+
+Two forms of the penalty users write as
+``l1 * sum(p.abs().sum() for p in params) + l2 * sum((p ** 2).sum() for p in params)``:
+
+* :func:`weight_penalty` returns it as a differentiable scalar (same value and gradient as the
+  formula, with ``sign(0) = 0`` as in PyTorch): ``loss = loss + weight_penalty(params, l2=1e-4)``.
+* :class:`WeightPenalty` is the training-loop form. After ``loss.backward()``, its
+  :meth:`~WeightPenalty.add_grad_` adds the penalty's gradient into every ``.grad`` and returns
+  the penalty value, reading each weight and gradient once::
+
+      penalty = fastreg.WeightPenalty(fastreg.select_decay_parameters(model), l1=1e-5, l2=1e-4)
+      for batch in data:
+          optimizer.zero_grad()
+          loss = criterion(model(batch.x), batch.y)
+          loss.backward()
+          penalty_value = penalty.add_grad_()   # .grad += l1 * sign(w) + 2 * l2 * w
+          optimizer.step()
+
+  Per-group coefficients work like optimizer parameter groups:
+  ``WeightPenalty([{"params": convs, "l2": 1e-4}, {"params": heads, "l1": 1e-5}])``.
+
+Values are float32 (float64 when a parameter is float64), accumulated in a fixed order: the
+same inputs give the same bits, run after run. Also here: the baselines the benchmark compares
+against (:func:`naive_autograd_penalty`, :func:`foreach_penalty_`) and parameter lists shaped
+like real models (:func:`resnet50_like_params`, :func:`gpt2_small_like_params`,
+:func:`small_cpu_params`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .ops import weight_penalty as _ops  # noqa: F401  (defines the ops)
+from .reference.weight_penalty import SUPPORTED_DTYPES, check_coefficients, naive_penalty
+
+__all__ = [
+    "WeightPenalty",
+    "foreach_penalty_",
+    "gpt2_small_like_params",
+    "naive_autograd_penalty",
+    "resnet50_like_params",
+    "select_decay_parameters",
+    "small_cpu_params",
+    "weight_penalty",
+]
+
+
+def _by_device(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The tensors grouped by device, in order of first appearance (one op call per device)."""
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.device, []).append(p)
+    return list(groups.values())
+
+
+def _sum_values(values: list[torch.Tensor]) -> torch.Tensor:
+    total = values[0]
+    for v in values[1:]:
+        total = total + v.to(total.device)
+    return total
+
+
+def weight_penalty(params: Iterable[torch.Tensor], l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
+    """``l1 * sum(|p|) + l2 * sum(p ** 2)`` over all ``params``, differentiable.
+
+    Parameters may mix dtypes (float64/32/16, bfloat16) and devices; each device's tensors
+    take one multi-tensor pass. Returns a 0-dim float32 tensor (float64 when a parameter is
+    float64) on the first parameter's device; its gradient with respect to each ``p`` is
+    ``l1 * sign(p) + 2 * l2 * p``.
+    """
+    check_coefficients(l1, l2)
+    groups = _by_device(params)
+    if not groups:
+        return torch.zeros((), dtype=torch.float32)
+    return _sum_values([torch.ops.fastreg.weight_penalty_value(group, l1, l2) for group in groups])
+
+
+def select_decay_parameters(
+    module: nn.Module, decay_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+) -> list[nn.Parameter]:
+    """The parameters usually penalised: the ``weight`` of every Linear and Conv layer
+    (Conv1d/2d/3d and transposed), not biases, norm-layer scales and shifts or embeddings.
+
+    Pass other ``decay_types`` to widen or narrow the choice. Shared weights appear once;
+    frozen ones (``requires_grad=False``) are left out. Typical use::
+
+        decay = fastreg.select_decay_parameters(model)
+        penalty = fastreg.WeightPenalty(decay, l2=1e-4)
+    """
+    selected: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for child in module.modules():
+        weight = getattr(child, "weight", None) if isinstance(child, decay_types) else None
+        if isinstance(weight, nn.Parameter) and weight.requires_grad and id(weight) not in seen:
+            seen.add(id(weight))
+            selected.append(weight)
+    return selected
+
+
+class WeightPenalty:
+    """An L1/L2 penalty on fixed parameters, applied to their gradients in place.
+
+    ``params`` is a module (its parameters that require grad), an iterable of tensors, or a
+    list of dicts like optimizer parameter groups: ``{"params": [...], "l1": ..., "l2": ...}``
+    where a missing coefficient takes the constructor's. A parameter may appear only once.
+
+    * :meth:`add_grad_` (after ``loss.backward()``): ``p.grad += l1 * sign(p) + 2 * l2 * p``
+      for every parameter, allocating a zero ``.grad`` where it is None, and returns the
+      penalty value; one pass per group and device. Groups whose coefficients are both 0 are
+      skipped (their gradient is 0), so their ``.grad`` stays as it is, None included.
+    * calling the object returns the penalty as a differentiable scalar (to add to the loss).
+    * :meth:`value` returns it without building a graph.
+    """
+
+    def __init__(self, params, l1: float = 0.0, l2: float = 0.0) -> None:
+        check_coefficients(l1, l2)
+        if isinstance(params, nn.Module):
+            params = [p for p in params.parameters() if p.requires_grad]
+        elif isinstance(params, torch.Tensor):
+            raise TypeError("WeightPenalty: params must be an iterable of tensors, a module or a list of groups, got a tensor")
+        raw_groups = list(params)
+        if not raw_groups or not all(isinstance(g, dict) for g in raw_groups):
+            raw_groups = [{"params": raw_groups}]
+        self.param_groups: list[dict] = []
+        seen: dict[int, int] = {}
+        for index, raw in enumerate(raw_groups):
+            group = dict(raw)
+            tensors = group.get("params")
+            if tensors is None:
+                raise ValueError(f"WeightPenalty: parameter group {index} has no 'params'")
+            tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+            group["params"] = tensors
+            group.setdefault("l1", l1)
+            group.setdefault("l2", l2)
+            check_coefficients(group["l1"], group["l2"])
+            for i, p in enumerate(tensors):
+                self._check_param(p, index, i)
+                if id(p) in seen:
+                    raise ValueError(
+                        f"WeightPenalty: a parameter appears more than once (group {seen[id(p)]} and group {index}); "
+                        "list each parameter once"
+                    )
+                seen[id(p)] = index
+            self.param_groups.append(group)
+
+    @staticmethod
+    def _check_param(p, group: int, i: int) -> None:
+        where = f"WeightPenalty: group {group}, params[{i}]"
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
+        if p.layout != torch.strided:
+            raise RuntimeError(f"{where} has layout {p.layout}; only strided (dense) parameters are supported")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{where} has dtype {p.dtype}; expected float64, float32, float16 or bfloat16")
+
+    def __call__(self) -> torch.Tensor:
+        values = [weight_penalty(g["params"], g["l1"], g["l2"]) for g in self.param_groups if g["params"]]
+        return _sum_values(values) if values else torch.zeros((), dtype=torch.float32)
+
+    @torch.no_grad()
+    def value(self) -> torch.Tensor:
+        return self()
+
+    @torch.no_grad()
+    def add_grad_(self) -> torch.Tensor:
+        """Adds the penalty's gradient into every ``.grad`` in place and returns the penalty value."""
+        values = []
+        for group in self.param_groups:
+            l1, l2 = group["l1"], group["l2"]
+            if l1 == 0.0 and l2 == 0.0:
+                continue
+            for params in _by_device(group["params"]):
+                grads = []
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    grads.append(p.grad)
+                values.append(torch.ops.fastreg.weight_penalty_grad_(grads, params, l1, l2))
+        return _sum_values(values) if values else torch.zeros((), dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"({len(g['params'])} tensors, l1={g['l1']}, l2={g['l2']})" for g in self.param_groups)
+        return f"WeightPenalty({groups})"
+
+
+# --- baselines (what the benchmark compares against) ------------------------------------
+
+
+def naive_autograd_penalty(params: Iterable[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
+    """The formula as users write it; ``.backward()`` on it accumulates the gradient into ``.grad``."""
+    return naive_penalty(list(params), l1, l2)
+
+
+@torch.no_grad()
+def foreach_penalty_(params: Iterable[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
+    """The best ``torch._foreach_*`` pipeline for value + in-place gradient (the benchmark's
+    "PyTorch multi-tensor" baseline): norms for the value, then ``.grad += l1 * sign(w)`` and
+    ``.grad += 2 * l2 * w``; terms with a zero coefficient are skipped. Returns the value."""
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    value = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    if not params:
+        return value
+    if l1 != 0.0:
+        value = value + l1 * torch.stack(torch._foreach_norm(params, 1, dtype=torch.float32)).sum()
+        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=l1)
+    if l2 != 0.0:
+        value = value + l2 * torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).square().sum()
+        torch._foreach_add_(grads, params, alpha=2.0 * l2)
+    return value
+
+
+# --- parameter lists shaped like real models ---------------------------------------------
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """torchvision's ResNet-50: 161 tensors, 25,557,032 elements (bottleneck blocks [3, 4, 6, 3])."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]  # stem conv + batch norm
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            width = planes * 4
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,)]
+            shapes += [(planes, planes, 3, 3), (planes,), (planes,)]
+            shapes += [(width, planes, 1, 1), (width,), (width,)]
+            if block == 0:  # downsample: 1x1 conv + batch norm
+                shapes += [(width, inplanes, 1, 1), (width,), (width,)]
+            inplanes = width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """Hugging Face GPT-2 small (lm_head tied to wte): 148 tensors, 124,439,808 elements."""
+    d, vocab, context, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,)]  # ln_1, attn.c_attn, attn.c_proj
+        shapes += [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, mlp.c_fc, mlp.c_proj
+    return shapes + [(d,), (d,)]  # ln_f
+
+
+def small_cpu_shapes() -> list[tuple[int, ...]]:
+    """80 tensors, about 10M elements: 40 (weight, bias) pairs with odd sizes, for CPU benchmarks."""
+    shapes: list[tuple[int, ...]] = []
+    for i in range(40):
+        out_features, in_features = 300 + 7 * (i % 9), 800 + 3 * (i % 11)
+        shapes += [(out_features, in_features), (out_features,)]
+    return shapes
+
+
+def make_params(
+    shapes: Iterable[tuple[int, ...]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    grads: bool = False,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Leaf tensors (requires_grad) with the given shapes, values ~ N(0, 0.02^2); with
+    ``grads=True`` each also gets a random ``.grad``, so in-place timings allocate nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = (torch.randn(shape, generator=generator) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+        if grads:
+            p.grad = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def resnet50_like_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
+    return make_params(resnet50_shapes(), device, dtype, **kwargs)
+
+
+def gpt2_small_like_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
+    return make_params(gpt2_small_shapes(), device, dtype, **kwargs)
+
+
+def small_cpu_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
+    return make_params(small_cpu_shapes(), device, dtype, **kwargs)

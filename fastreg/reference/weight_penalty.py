@@ -1,0 +1,151 @@
+"""Reference L1/L2 weight penalty: the naive formula in plain PyTorch.
+
+    value = l1 * sum(p.abs().sum() for p in params) + l2 * sum((p ** 2).sum() for p in params)
+
+accumulated in float32 (float64 when any parameter is float64). The gradient expressions are
+autograd's on that formula, written in the same order, so for float32 parameters the kernels,
+this reference and autograd give the same gradient bits; float16/bfloat16 gradients are
+computed in float32 and rounded once (autograd rounds after each step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..memory_format import is_non_overlapping_and_dense, memory_dense
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_coefficients(l1: float, l2: float) -> None:
+    for name, value in (("l1", l1), ("l2", l2)):
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"fastreg.weight_penalty: {name} must be a finite number >= 0, got {value}")
+
+
+def check_params(params) -> None:
+    for i, p in enumerate(params):
+        if p.layout != torch.strided:
+            raise RuntimeError(
+                f"fastreg.weight_penalty: params[{i}] has layout {p.layout}; only strided (dense) parameters are supported"
+            )
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"fastreg.weight_penalty: params[{i}] has dtype {p.dtype}; "
+                "expected a floating-point tensor (float64, float32, float16 or bfloat16)"
+            )
+        if p.device != params[0].device:
+            raise RuntimeError(
+                f"fastreg.weight_penalty: params[{i}] is on {p.device} but params[0] is on {params[0].device}; "
+                "pass the tensors of one device per call"
+            )
+
+
+def check_grads(grads, params) -> None:
+    if len(grads) != len(params):
+        raise RuntimeError(f"fastreg.weight_penalty: got {len(grads)} gradients for {len(params)} parameters")
+    seen: dict[int, int] = {}
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g.layout != torch.strided:
+            raise RuntimeError(
+                f"fastreg.weight_penalty: grads[{i}] is a sparse gradient (layout {g.layout}); the in-place penalty "
+                "needs dense gradients (e.g. an nn.Embedding with sparse=False)"
+            )
+        if g.device != p.device:
+            raise RuntimeError(f"fastreg.weight_penalty: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"fastreg.weight_penalty: grads[{i}] has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
+        if g.shape != p.shape:
+            raise RuntimeError(
+                f"fastreg.weight_penalty: grads[{i}] has shape {list(g.shape)} but params[{i}] has shape {list(p.shape)}"
+            )
+        if g.numel() == 0:
+            continue
+        if not is_non_overlapping_and_dense(g):
+            raise RuntimeError(
+                f"fastreg.weight_penalty: grads[{i}] is a view with gaps or overlapping elements (strides {list(g.stride())}); "
+                "the in-place update needs a dense gradient, e.g. torch.zeros_like(param)"
+            )
+        if g.data_ptr() == p.data_ptr():
+            raise RuntimeError(f"fastreg.weight_penalty: grads[{i}] is the memory of params[{i}]")
+        if g.data_ptr() in seen:
+            raise RuntimeError(
+                f"fastreg.weight_penalty: grads[{i}] and grads[{seen[g.data_ptr()]}] share memory; list each parameter once"
+            )
+        seen[g.data_ptr()] = i
+
+
+def value_dtype(params) -> torch.dtype:
+    """float64 when any parameter is float64, else float32: the value's dtype and accumulation."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _value(params, l1: float, l2: float) -> torch.Tensor:
+    dtype = value_dtype(params)
+    device = params[0].device if params else torch.device("cpu")
+    s1 = torch.zeros((), dtype=torch.float64, device=device)
+    s2 = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        x = p.detach().to(compute_dtype(p.dtype))
+        s1 = s1 + x.abs().sum()
+        s2 = s2 + (x * x).sum()
+    return (l1 * s1 + l2 * s2).to(dtype)
+
+
+def weight_penalty_value(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
+    check_coefficients(l1, l2)
+    check_params(params)
+    return _value(params, l1, l2)
+
+
+def _sign_term(x: torch.Tensor, c1: torch.Tensor, c2x2: torch.Tensor) -> torch.Tensor:
+    # c1 * sign(x) + c2x2 * x, in x's (compute) dtype; torch.sign(0) == 0.
+    return c1 * torch.sign(x) + c2x2 * x
+
+
+def weight_penalty_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
+    """grads[i] += l1 * sign(params[i]) + 2 * l2 * params[i] (in place); returns the value."""
+    check_coefficients(l1, l2)
+    check_params(params)
+    check_grads(grads, params)
+    value = _value(params, l1, l2)
+    for g, p in zip(grads, params):
+        if g.numel() == 0:
+            continue
+        dtype = compute_dtype(p.dtype)
+        c1 = torch.tensor(l1, dtype=dtype, device=p.device)
+        c2x2 = 2 * torch.tensor(l2, dtype=dtype, device=p.device)
+        x = p.detach().to(dtype)
+        g.copy_(g.to(dtype) + _sign_term(x, c1, c2x2))
+    return value
+
+
+def weight_penalty_backward(grad_output: torch.Tensor, params: list[torch.Tensor], l1: float, l2: float) -> list[torch.Tensor]:
+    """[(go * l1) * sign(p) + 2 * (go * l2) * p for p in params], laid out like memory_dense(p)."""
+    check_coefficients(l1, l2)
+    check_params(params)
+    if grad_output.numel() != 1:
+        raise RuntimeError(f"fastreg.weight_penalty_backward: grad_output must have one element, got {grad_output.numel()}")
+    go = grad_output.detach().reshape(()).to(value_dtype(params))
+    outputs = []
+    for p in params:
+        dense = memory_dense(p.detach())
+        dtype = compute_dtype(p.dtype)
+        go_c = go.to(dtype)
+        c1 = go_c * torch.tensor(l1, dtype=dtype, device=p.device)
+        c2x2 = 2 * (go_c * torch.tensor(l2, dtype=dtype, device=p.device))
+        out = torch.empty_like(dense)
+        out.copy_(_sign_term(dense.to(dtype), c1, c2x2))
+        outputs.append(out)
+    return outputs
+
+
+def naive_penalty(params, l1: float, l2: float) -> torch.Tensor:
+    """The formula users write, differentiable, in the parameters' own dtypes (the test oracle)."""
+    return l1 * sum(p.abs().sum() for p in params) + l2 * sum((p**2).sum() for p in params)

@@ -1,0 +1,463 @@
+"""L1/L2 weight penalty: the ops, fastreg.penalty's API, and their agreement with the naive formula."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from fastreg import _loader, penalty
+from fastreg._library import has_kernel
+from fastreg.reference import weight_penalty as ref
+from fastreg.testing import mismatch, opcheck
+
+OPS = torch.ops.fastreg
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+COEFFICIENTS = [(0.0, 0.0), (0.3, 0.0), (0.0, 0.7), (0.3, 0.7), (1e-5, 1e-4)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Sizes around the CPU vector block (256 fp32), the CPU chunk (32768) and the CUDA chunk (16384).
+EDGE_SHAPES = [(0,), (1,), (3, 0, 2), (7,), (255,), (256,), (257,), (16383,), (16385,), (32767,), (32769,), (5, 3, 3, 3)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    _loader.load_kernels("cpu")
+
+
+def make(shapes, dtype=torch.float32, device="cpu", seed=0, zeros_every=7):
+    """Random tensors (some exact zeros, for sign(0) = 0), one per shape."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        t = torch.randn(shape, generator=g)
+        if t.numel():
+            t.view(-1)[::zeros_every] = 0.0
+        out.append(t.to(device=device, dtype=dtype))
+    return out
+
+
+def naive_fp64(params, l1, l2) -> float:
+    return float(ref.naive_penalty([p.detach().double() for p in params], l1, l2))
+
+
+def assert_value_close(value, params, l1, l2, rtol=1e-6):
+    expected = naive_fp64(params, l1, l2)
+    assert value.dim() == 0 and value.dtype == ref.value_dtype(params)
+    assert math.isclose(float(value), expected, rel_tol=rtol, abs_tol=1e-30), (float(value), expected)
+
+
+def many_shapes(count=211):
+    """200+ tensors of mixed ranks and odd sizes."""
+    return [((i * 37) % 500 + 1, (i % 5) + 1) if i % 3 else ((i * 101) % 3000 + 1,) for i in range(count)]
+
+
+# --- the compiled kernels are what is tested ---------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("FASTREG_BACKEND") == "reference", reason="reference forced")
+def test_cpu_kernels_are_registered():
+    for name in ("weight_penalty_value", "weight_penalty_grad_", "weight_penalty_backward"):
+        assert has_kernel(name, "cpu"), f"{name}: no CPU kernel ({_loader.STATE.reason})"
+
+
+# --- value -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("l1,l2", COEFFICIENTS)
+def test_value_matches_naive_formula(device, dtype, l1, l2):
+    params = make(EDGE_SHAPES + many_shapes(), dtype, device)
+    value = OPS.weight_penalty_value(params, l1, l2)
+    assert value.device.type == device
+    assert_value_close(value, params, l1, l2)
+    assert_value_close(ref.weight_penalty_value(params, l1, l2), params, l1, l2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_value_is_bitwise_stable_across_runs_and_thread_counts(device):
+    params = make(penalty.small_cpu_shapes()[:24] + EDGE_SHAPES, torch.float32, device)
+    first = OPS.weight_penalty_value(params, 0.01, 0.02)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            for _ in range(3):
+                assert torch.equal(OPS.weight_penalty_value(params, 0.01, 0.02), first)
+    finally:
+        torch.set_num_threads(threads)
+    assert_value_close(first, params, 0.01, 0.02)
+
+
+def test_value_of_mixed_dtypes_is_float64_when_any_is():
+    params = make([(300,), (70, 3), (1025,), (5,)], torch.float32)
+    params = [params[0], params[1].half(), params[2].bfloat16(), params[3].double()]
+    value = OPS.weight_penalty_value(params, 0.2, 0.5)
+    assert value.dtype == torch.float64
+    assert_value_close(value, params, 0.2, 0.5)  # the float64 tensor accumulates in float64, the rest in float32
+    assert_value_close(OPS.weight_penalty_value(params[3:], 0.2, 0.5), params[3:], 0.2, 0.5, rtol=1e-14)
+    assert OPS.weight_penalty_value(params[:3], 0.2, 0.5).dtype == torch.float32
+
+
+def test_value_of_non_dense_views():
+    base = make([(64, 90)])[0]
+    views = [base[:, ::3], base.t(), base[10:20], base.unsqueeze(0).expand(3, 64, 90)]
+    assert_value_close(OPS.weight_penalty_value(views, 0.1, 0.3), views, 0.1, 0.3)
+
+
+def test_empty_list_and_empty_tensors():
+    empties = [torch.empty(0), torch.empty(3, 0)]
+    assert float(OPS.weight_penalty_value(empties, 1.0, 1.0)) == 0.0
+    grads = [torch.empty(0), torch.empty(3, 0)]
+    assert float(OPS.weight_penalty_grad_(grads, empties, 1.0, 1.0)) == 0.0
+    assert float(penalty.weight_penalty([], l1=1.0)) == 0.0
+
+
+def test_nan_and_inf_propagate_like_the_formula():
+    big = [torch.tensor([1.0, 3e30]), torch.tensor([2.0])]  # sum of squares overflows float32
+    for params, l1, l2 in [(big, 1.0, 0.0), (big, 0.0, 1.0), (big, 0.0, 0.0), ([torch.tensor([float("nan")])], 1.0, 1.0)]:
+        expected = float(ref.naive_penalty(params, l1, l2))  # 0 * inf is nan there too
+        got = float(OPS.weight_penalty_value(params, l1, l2))
+        assert (math.isnan(got) and math.isnan(expected)) or got == expected, (params, l1, l2, got, expected)
+
+
+# --- in-place gradient ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("l1,l2", COEFFICIENTS)
+def test_grad_inplace_matches_reference_bitwise(device, dtype, l1, l2):
+    params = make(EDGE_SHAPES + many_shapes(), dtype, device)
+    grads = make(EDGE_SHAPES + many_shapes(), dtype, device, seed=1)
+    expected = [g.clone() for g in grads]
+    ref_value = ref.weight_penalty_grad_(expected, params, l1, l2)
+    value = OPS.weight_penalty_grad_(grads, params, l1, l2)
+    assert mismatch(grads, expected, exact=True) is None
+    assert_value_close(value, params, l1, l2)
+    assert_value_close(ref_value, params, l1, l2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("l1,l2", COEFFICIENTS)
+def test_grad_inplace_matches_autograd_on_naive_formula(dtype, l1, l2):
+    leaves = [p.requires_grad_() for p in make(EDGE_SHAPES + many_shapes(40), dtype)]
+    initial = make(EDGE_SHAPES + many_shapes(40), dtype, seed=1)
+    for p, g in zip(leaves, initial):
+        p.grad = g.clone()
+    ref.naive_penalty(leaves, l1, l2).backward()
+    autograd = [p.grad for p in leaves]
+    grads = [g.clone() for g in initial]
+    OPS.weight_penalty_grad_(grads, [p.detach() for p in leaves], l1, l2)
+    # fp32/fp64: the same expressions in the same order, so the same bits; fp16/bf16: autograd
+    # rounds each intermediate to the parameter dtype, the kernels only the result, so they may
+    # differ by a few roundings of the terms (g, l1 * sign(w), 2 * l2 * w), not of their sum.
+    if dtype in (torch.float32, torch.float64):
+        assert mismatch(grads, autograd, exact=True) is None
+    else:
+        eps = torch.finfo(dtype).eps
+        for a, b, g0, w in zip(grads, autograd, initial, leaves):
+            scale = g0.double().abs() + l1 + 2 * l2 * w.detach().double().abs()
+            assert bool(((a.double() - b.double()).abs() <= 2 * eps * scale + 1e-7).all())
+
+
+def test_grad_inplace_sign_of_zero_is_zero():
+    params = [torch.tensor([0.0, -0.0, 2.0, -3.0])]
+    grads = [torch.zeros(4)]
+    OPS.weight_penalty_grad_(grads, params, 1.0, 0.0)
+    assert grads[0].tolist() == [0.0, 0.0, 1.0, -1.0]
+
+
+def test_grad_inplace_with_layouts_differing_from_the_parameter():
+    # parameter channels_last, gradient contiguous; a non-dense parameter view; a permuted pair
+    conv = make([(8, 5, 3, 3)])[0].to(memory_format=torch.channels_last)
+    base = make([(40, 60)], seed=2)[0]
+    params = [conv, base[:, ::2], base.t()]
+    grads = [torch.randn(8, 5, 3, 3), torch.randn(40, 30), torch.randn(60, 40).t().contiguous().t()]
+    expected = [g.clone() for g in grads]
+    ref.weight_penalty_grad_(expected, params, 0.1, 0.2)
+    OPS.weight_penalty_grad_(grads, params, 0.1, 0.2)
+    assert mismatch(grads, expected, exact=True) is None
+    assert grads[2].stride() == (1, 60)  # updated in place, layout kept
+
+
+def test_grad_inplace_is_bitwise_stable_across_thread_counts():
+    params = make(penalty.small_cpu_shapes()[:16], torch.float32)
+    start = make(penalty.small_cpu_shapes()[:16], torch.float32, seed=3)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads), 1):
+            torch.set_num_threads(n)
+            grads = [g.clone() for g in start]
+            results.append((OPS.weight_penalty_grad_(grads, params, 0.05, 0.01), grads))
+    finally:
+        torch.set_num_threads(threads)
+    for value, grads in results[1:]:
+        assert torch.equal(value, results[0][0]) and mismatch(grads, results[0][1], exact=True) is None
+
+
+# --- differentiable form -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("l1,l2", COEFFICIENTS)
+def test_functional_value_and_grad_match_naive_autograd(dtype, l1, l2):
+    shapes = EDGE_SHAPES + many_shapes(30)
+    ours = [p.requires_grad_() for p in make(shapes, dtype)]
+    naive = [p.detach().clone().requires_grad_() for p in ours]
+    value = penalty.weight_penalty(ours, l1=l1, l2=l2)
+    (value * 1.5).backward()
+    (ref.naive_penalty(naive, l1, l2) * 1.5).backward()
+    assert_value_close(value.detach(), ours, l1, l2)
+    for a, b in zip(ours, naive):
+        assert mismatch(a.grad, b.grad, exact=dtype in (torch.float32, torch.float64)) is None
+
+
+def test_functional_gradcheck_and_gradgradcheck():
+    params = [(torch.rand(s, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(
+        math.prod(s) // 2 + 1)[: math.prod(s)].reshape(s) for s in [(3, 4), (5,), (2, 3, 2)]]
+    params = [p.requires_grad_() for p in params]
+
+    def fn(*ps):
+        return penalty.weight_penalty(ps, l1=0.3, l2=0.7)
+
+    assert torch.autograd.gradcheck(fn, params)
+    assert torch.autograd.gradgradcheck(fn, params)
+
+
+def test_functional_groups_mixed_dtypes_into_one_value():
+    params = [p.requires_grad_() for p in make([(30, 3), (100,)], torch.float32)]
+    params.append(make([(40,)], torch.bfloat16, seed=5)[0].requires_grad_())
+    value = penalty.weight_penalty(params, l1=0.1, l2=0.2)
+    value.backward()
+    assert_value_close(value.detach(), params, 0.1, 0.2)
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in params)
+
+
+# --- WeightPenalty and helpers ----------------------------------------------------------------
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(8, 5)
+        self.norm = nn.LayerNorm(5)
+        self.frozen = nn.Linear(5, 5)
+        self.frozen.requires_grad_(False)
+
+
+def test_select_decay_parameters_takes_linear_and_conv_weights_only():
+    net = SmallNet()
+    selected = penalty.select_decay_parameters(net)
+    assert [id(p) for p in selected] == [id(net.conv.weight), id(net.head.weight)]
+    widened = penalty.select_decay_parameters(net, decay_types=(nn.Linear, nn.Embedding))
+    assert {id(p) for p in widened} == {id(net.embed.weight), id(net.head.weight)}
+
+
+def test_weight_penalty_add_grad_matches_naive_and_allocates_grads():
+    torch.manual_seed(0)
+    net = SmallNet()
+    decay = penalty.select_decay_parameters(net)
+    wp = penalty.WeightPenalty(decay, l1=1e-3, l2=1e-2)
+    clone = SmallNet()
+    clone.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+
+    def loss_of(model):
+        h = model.bn(model.conv(x)).mean(dim=(2, 3))
+        return model.norm(model.head(h)).square().sum()
+
+    loss_of(net).backward()
+    net.conv.weight.grad = None  # a parameter without a gradient gets one allocated
+    value = wp.add_grad_()
+    clone_decay = penalty.select_decay_parameters(clone)
+    (loss_of(clone) + ref.naive_penalty(clone_decay, 1e-3, 1e-2)).backward()
+    assert_value_close(value, decay, 1e-3, 1e-2)
+    assert mismatch(net.head.weight.grad, clone.head.weight.grad) is None
+    expected_conv = 1e-3 * torch.sign(net.conv.weight) + 2e-2 * net.conv.weight
+    assert mismatch(net.conv.weight.grad, expected_conv.detach()) is None
+    assert mismatch(net.head.bias.grad, clone.head.bias.grad, exact=True) is None  # not penalised
+
+
+def test_weight_penalty_groups_have_their_own_coefficients():
+    a, b, c = (p.requires_grad_() for p in make([(50, 4), (33,), (7, 7)]))
+    for p in (a, b, c):
+        p.grad = torch.zeros_like(p)
+    wp = penalty.WeightPenalty([{"params": [a], "l2": 0.5}, {"params": [b], "l1": 0.25}, {"params": c}], l1=0.1)
+    value = wp.add_grad_()
+    expected = naive_fp64([a], 0.1, 0.5) + naive_fp64([b], 0.25, 0.0) + naive_fp64([c], 0.1, 0.0)
+    assert math.isclose(float(value), expected, rel_tol=1e-6)
+    assert mismatch(a.grad, (0.1 * torch.sign(a) + 1.0 * a).detach()) is None
+    assert mismatch(b.grad, (0.25 * torch.sign(b)).detach()) is None
+    assert math.isclose(float(wp().detach()), expected, rel_tol=1e-6) and math.isclose(float(wp.value()), expected, rel_tol=1e-6)
+
+
+def test_weight_penalty_skips_zero_groups_and_takes_modules():
+    net = SmallNet()
+    wp = penalty.WeightPenalty([{"params": penalty.select_decay_parameters(net), "l2": 0.1},
+                                {"params": [net.bn.weight, net.bn.bias], "l2": 0.0}])
+    wp.add_grad_()
+    assert net.bn.weight.grad is None and net.conv.weight.grad is not None
+    whole = penalty.WeightPenalty(net, l2=0.1)  # a module: its trainable parameters
+    assert sum(len(g["params"]) for g in whole.param_groups) == sum(1 for p in net.parameters() if p.requires_grad)
+
+
+def test_weight_penalty_rejects_bad_input():
+    p = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="more than once"):
+        penalty.WeightPenalty([{"params": [p]}, {"params": [p]}], l2=0.1)
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0"):
+        penalty.WeightPenalty([p], l2=-0.1)
+    with pytest.raises(ValueError, match="l1 must be a finite number >= 0"):
+        penalty.WeightPenalty([{"params": [p], "l1": float("nan")}])
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        penalty.WeightPenalty([torch.ones(3, dtype=torch.int64)], l2=0.1)
+    wp = penalty.WeightPenalty([p], l2=0.1)
+    p.grad = torch.randn(3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        wp.add_grad_()
+
+
+# --- errors from the ops (compiled and reference alike) ---------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_op_errors_name_the_problem(impl):
+    value = OPS.weight_penalty_value if impl == "op" else ref.weight_penalty_value
+    grad_ = OPS.weight_penalty_grad_ if impl == "op" else ref.weight_penalty_grad_
+    w = [torch.randn(4, 6), torch.randn(5)]
+    g = [torch.randn(4, 6), torch.randn(5)]
+    with pytest.raises(ValueError, match="l1 must be a finite number >= 0, got -1"):
+        value(w, -1.0, 0.0)
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0"):
+        grad_(g, w, 0.0, float("inf"))
+    with pytest.raises(TypeError, match=r"params\[1\] has dtype .*[Ii]nt"):
+        value([w[0], torch.ones(3, dtype=torch.int32)], 0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"params\[0\] has layout .*[Ss]parse"):
+        value([w[0].to_sparse()], 0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is a sparse gradient"):
+        grad_([g[0], g[1].to_sparse()], w, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is a view with gaps"):
+        grad_([torch.randn(4, 12)[:, ::2], g[1]], w, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is a view with gaps"):
+        grad_([torch.randn(1, 6).expand(4, 6), g[1]], w, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
+        grad_([g[0], torch.randn(6)], w, 0.1, 0.1)
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype"):
+        grad_([g[0], g[1].double()], w, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match="got 1 gradients for 2 parameters"):
+        grad_(g[:1], w, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match="share memory"):
+        shared = torch.randn(5)
+        grad_([shared, shared], [torch.randn(5), torch.randn(5)], 0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is the memory of params\[0\]"):
+        grad_([w[0]], [w[0]], 0.1, 0.1)
+
+
+# --- torch.library contracts and torch.compile ----------------------------------------------
+
+
+def test_opcheck():
+    params = make([(3, 5), (0,), (17,), (2, 2, 3)])
+    grads = make([(3, 5), (0,), (17,), (2, 2, 3)], seed=1)
+    opcheck(OPS.weight_penalty_value, ([p.clone().requires_grad_() for p in params], 0.2, 0.3))
+    opcheck(OPS.weight_penalty_value, ([params[0].half(), params[2].double()], 0.2, 0.0))
+    opcheck(OPS.weight_penalty_grad_, ([g.clone() for g in grads], params, 0.2, 0.3))
+    opcheck(OPS.weight_penalty_backward, (torch.tensor(1.5), [p.clone().requires_grad_() for p in params], 0.2, 0.3))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 2))
+    decay = penalty.select_decay_parameters(model)
+    x = torch.randn(5, 6)
+
+    def step(x):
+        return model(x).square().mean() + penalty.weight_penalty(decay, l1=0.01, l2=0.1)
+
+    def inplace(grads, params):
+        return OPS.weight_penalty_grad_(grads, params, 0.01, 0.1) * 2
+
+    compiled_loss = torch.compile(step, fullgraph=True)(x)
+    compiled_loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager_loss = step(x)
+    eager_loss.backward()
+    assert mismatch(compiled_loss.detach(), eager_loss.detach()) is None
+    assert mismatch(compiled_grads, [p.grad for p in model.parameters()]) is None
+
+    params = make([(4, 4), (9,)])
+    g_compiled, g_eager = make([(4, 4), (9,)], seed=1), make([(4, 4), (9,)], seed=1)
+    v = torch.compile(inplace, fullgraph=True)(g_compiled, params)
+    assert torch.equal(v, inplace(g_eager, params)) and mismatch(g_compiled, g_eager, exact=True) is None
+
+
+# --- baselines and model-shaped lists --------------------------------------------------------
+
+
+def test_model_shaped_lists_have_the_real_sizes():
+    for shapes, count, elements in [
+        (penalty.resnet50_shapes(), 161, 25_557_032),
+        (penalty.gpt2_small_shapes(), 148, 124_439_808),
+    ]:
+        assert len(shapes) == count and sum(math.prod(s) for s in shapes) == elements
+    small = penalty.small_cpu_shapes()
+    assert len(small) == 80 and 9e6 < sum(math.prod(s) for s in small) < 12e6
+    params = penalty.resnet50_like_params(dtype=torch.bfloat16, grads=True)
+    assert len(params) == 161 and all(p.dtype == torch.bfloat16 and p.grad is not None for p in params)
+
+
+def test_baselines_agree_with_the_op():
+    params = penalty.make_params(many_shapes(50), grads=True)
+    initial = [p.grad.clone() for p in params]
+    ours = [g.clone() for g in initial]
+    value = OPS.weight_penalty_grad_(ours, [p.detach() for p in params], 0.01, 0.02)
+    foreach_value = penalty.foreach_penalty_(params, 0.01, 0.02)
+    assert math.isclose(float(foreach_value), float(value), rel_tol=1e-5)
+    assert mismatch([p.grad for p in params], ours) is None
+    for p, g in zip(params, initial):
+        p.grad = g.clone()
+    naive_value = penalty.naive_autograd_penalty(params, 0.01, 0.02)
+    naive_value.backward()
+    assert math.isclose(float(naive_value.detach()), float(value), rel_tol=1e-5)
+    assert mismatch([p.grad for p in params], ours, exact=True) is None
+
+
+# --- CUDA only: cross-device agreement and graph capture --------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_and_captures_in_a_graph():
+    params = make(EDGE_SHAPES + many_shapes(), torch.float32)
+    grads = make(EDGE_SHAPES + many_shapes(), torch.float32, seed=1)
+    cpu_grads = [g.clone() for g in grads]
+    cpu_value = OPS.weight_penalty_grad_(cpu_grads, params, 0.1, 0.2)
+    dp, dg = [p.cuda() for p in params], [g.cuda() for g in grads]
+    value = OPS.weight_penalty_grad_(dg, dp, 0.1, 0.2)
+    assert mismatch([g.cpu() for g in dg], cpu_grads, exact=True) is None
+    assert math.isclose(float(value), float(cpu_value), rel_tol=1e-6)
+
+    dg = [g.cuda() for g in grads]
+    static = [g.clone() for g in dg]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        OPS.weight_penalty_grad_([g.clone() for g in dg], dp, 0.1, 0.2)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = OPS.weight_penalty_grad_(static, dp, 0.1, 0.2)
+    for g, s in zip(dg, static):
+        s.copy_(g)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, value) and mismatch([s.cpu() for s in static], cpu_grads, exact=True) is None
