@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -40,11 +42,26 @@ def sources(root: Path | None = None) -> dict[str, list[str]]:
     return sections
 
 
+HASHED_SUFFIXES = {".h", ".cuh", ".cpp", ".cu", ".txt"}
+UNSHIPPED_DIRS = {"tests"}  # csrc/tests: C++ tests run by ctest, not part of the kernels
+
+
+def kernel_files(root: Path | None = None) -> list[Path]:
+    """Every source and header the kernels are built from (what the wheel ships as fastreg/_csrc)."""
+    root = root or source_root()
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in HASHED_SUFFIXES and p.relative_to(root).parts[0] not in UNSHIPPED_DIRS
+    )
+
+
 def source_hash(root: Path | None = None) -> str:
-    """Hash of every file under csrc/: a change of any source or header makes a new build."""
+    """Hash of the kernel sources and headers: a change of any of them makes a new build.
+    The C++ tests are left out, so editing them does not invalidate compiled kernels."""
     root = root or source_root()
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".h", ".cuh", ".cpp", ".cu", ".txt"}):
+    for path in kernel_files(root):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -52,3 +69,38 @@ def source_hash(root: Path | None = None) -> str:
 
 def cuda_arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
+
+
+def ensure_ninja_on_path() -> bool:
+    """torch runs ``ninja`` from PATH; the pip package's binary is not on it when a venv's
+    python is run without activating the venv. Adds it there; True when ninja is runnable."""
+    if shutil.which("ninja"):
+        return True
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # the PyPI package (a fastreg dependency)
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for folder in candidates:
+        if (folder / "ninja").is_file():
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            return True
+    return False
+
+
+def cuda_wanted() -> tuple[bool, str]:
+    """Whether a build should include the CUDA kernels, and why not if it should not.
+    Needs a CUDA build of torch, nvcc, and a visible GPU unless FASTREG_FORCE_CUDA=1."""
+    import torch
+
+    if torch.version.cuda is None:
+        return False, "torch was built without CUDA"
+    if os.environ.get("FASTREG_FORCE_CUDA") != "1" and not torch.cuda.is_available():
+        return False, "no CUDA device (set FASTREG_FORCE_CUDA=1 to build them anyway)"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
+        return False, "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+    return True, ""

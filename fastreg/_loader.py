@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -73,6 +74,12 @@ def aot_mismatch(info: dict) -> str | None:
     return None
 
 
+def aot_sources_changed(info: dict) -> bool:
+    """True when csrc/ was edited after an in-place (editable) ahead-of-time build: expected while
+    developing, so the loader quietly JIT-builds the current sources instead of warning."""
+    return info.get("source_hash") not in (None, _build.source_hash())
+
+
 def load_kernels(device_type: str = "cpu") -> bool:
     """Loads the compiled kernels once per process; True when a library is loaded."""
     if not STATE.attempted:
@@ -90,7 +97,7 @@ def _load_once() -> None:
         STATE.reason = "FASTREG_BACKEND=reference"
         return
     info = aot_build_info()
-    if info is not None and aot_mismatch(info) is None:
+    if info is not None and aot_mismatch(info) is None and not aot_sources_changed(info):
         library = _aot_library()
         if library is not None:
             try:
@@ -119,17 +126,7 @@ def _aot_library() -> Path | None:
     return candidates[0] if candidates else None
 
 
-def cuda_wanted() -> tuple[bool, str]:
-    """Whether a JIT build should include the CUDA kernels, and why not if it should not."""
-    if torch.version.cuda is None:
-        return False, "torch was built without CUDA"
-    if os.environ.get("FASTREG_FORCE_CUDA") != "1" and not torch.cuda.is_available():
-        return False, "no CUDA device (set FASTREG_FORCE_CUDA=1 to build them anyway)"
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
-        return False, "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
-    return True, ""
+cuda_wanted = _build.cuda_wanted  # shared with setup.py's ahead-of-time build
 
 
 def cache_root() -> Path:
@@ -147,11 +144,12 @@ def jit_build_dir(with_cuda: bool) -> Path:
 
 def _check_toolchain() -> None:
     compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    program = (shlex.split(compiler) or [""])[0]  # CXX may carry a launcher or flags ("ccache g++")
+    if shutil.which(program) is None:
         raise RuntimeError(f"no C++ compiler: '{compiler}' (from CXX, default c++) was not found on PATH")
     from torch.utils.cpp_extension import is_ninja_available
 
-    if not is_ninja_available():
+    if not (_build.ensure_ninja_on_path() and is_ninja_available()):
         raise RuntimeError("ninja was not found ('pip install ninja')")
 
 

@@ -1,0 +1,117 @@
+// dropout_forward_cpu / dropout_backward_cpu on small buffers, checked element by element
+// against dropout_keep_bits: every mask mode, a partial last group, float and double.
+#include <cstring>
+#include <vector>
+
+#include "../dropout/dropout_kernels.h"
+#include "check.h"
+
+using namespace fastreg;
+
+namespace {
+
+constexpr DropoutRngState kRng{0x9e3779b97f4a7c15ULL, 12};
+
+bool kept(int64_t i, uint32_t threshold) {
+  return (dropout_keep_bits(kRng, static_cast<uint64_t>(i / kDropoutGroup), threshold) >> (i % kDropoutGroup)) & 1u;
+}
+
+int64_t groups_of(int64_t n) { return (n + kDropoutGroup - 1) / kDropoutGroup; }
+
+template <typename T>
+DropoutArgs make_args(const std::vector<T>& in, std::vector<T>& out, std::vector<uint8_t>& mask, MaskMode mode,
+                      double p, DType dtype) {
+  DropoutArgs args{};
+  args.input = in.data();
+  args.output = out.data();
+  args.mask = mode == MaskMode::Regenerate ? nullptr : mask.data();
+  args.n = static_cast<int64_t>(in.size());
+  args.dtype = dtype;
+  args.mask_mode = mode;
+  args.threshold = dropout_keep_threshold(p);
+  args.scale_f64 = dropout_scale(args.threshold);
+  args.scale = static_cast<float>(args.scale_f64);
+  return args;
+}
+
+template <typename T>
+std::vector<T> ramp(int64_t n) {
+  std::vector<T> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<T>(0.25 * (i + 1) - 3.0);
+  return v;
+}
+
+// Forward then backward for one mask mode; each output equals input * scale where kept, else 0.
+template <typename T>
+void check_round_trip(int64_t n, double p, MaskMode mode, DType dtype) {
+  const std::vector<T> in = ramp<T>(n);
+  std::vector<T> out(n, T(-99));
+  std::vector<uint8_t> mask(mode == MaskMode::Bits ? groups_of(n) : mode == MaskMode::Bool ? n : 0, 0xAB);
+  DropoutArgs args = make_args(in, out, mask, mode, p, dtype);
+  dropout_forward_cpu(args, kRng, 0, groups_of(n));
+
+  const T scale = static_cast<T>(dtype == DType::Float64 ? args.scale_f64 : args.scale);
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T expected = kept(i, args.threshold) ? static_cast<T>(in[i] * scale) : T(0);
+    wrong += out[i] != expected;
+    if (mode == MaskMode::Bool) wrong += mask[i] != static_cast<uint8_t>(kept(i, args.threshold));
+    if (mode == MaskMode::Bits) wrong += ((mask[i / 8] >> (i % 8)) & 1) != static_cast<int>(kept(i, args.threshold));
+  }
+  FASTREG_CHECK_EQ(wrong, int64_t{0});
+  if (mode == MaskMode::Bits && n % 8 != 0) {
+    FASTREG_CHECK_EQ(mask.back() >> (n % 8), 0);  // no garbage past the last element
+  }
+
+  // Backward: grad_input = grad_output * keep * scale, the keep bits from the saved mask or regenerated.
+  const std::vector<T> grad_out = ramp<T>(n);
+  std::vector<T> grad_in(n, T(-99));
+  DropoutArgs back = make_args(grad_out, grad_in, mask, mode, p, dtype);
+  dropout_backward_cpu(back, kRng, 0, groups_of(n));
+  wrong = 0;
+  for (int64_t i = 0; i < n; ++i) wrong += grad_in[i] != (kept(i, args.threshold) ? static_cast<T>(grad_out[i] * scale) : T(0));
+  FASTREG_CHECK_EQ(wrong, int64_t{0});
+}
+
+}  // namespace
+
+FASTREG_TEST(dropout_cpu_all_mask_modes_float) {
+  for (MaskMode mode : {MaskMode::Regenerate, MaskMode::Bits, MaskMode::Bool}) {
+    for (int64_t n : {1, 7, 8, 37, 1000}) check_round_trip<float>(n, 0.3, mode, DType::Float32);
+  }
+}
+
+FASTREG_TEST(dropout_cpu_all_mask_modes_double) {
+  for (MaskMode mode : {MaskMode::Regenerate, MaskMode::Bits, MaskMode::Bool}) {
+    check_round_trip<double>(523, 0.5, mode, DType::Float64);
+  }
+}
+
+FASTREG_TEST(dropout_cpu_p_zero_is_identity_and_p_one_zeroes) {
+  const int64_t n = 45;
+  const std::vector<float> in = ramp<float>(n);
+  std::vector<float> out(n);
+  std::vector<uint8_t> no_mask;
+  DropoutArgs args = make_args(in, out, no_mask, MaskMode::Regenerate, 0.0, DType::Float32);
+  dropout_forward_cpu(args, kRng, 0, groups_of(n));
+  FASTREG_CHECK(std::memcmp(in.data(), out.data(), n * sizeof(float)) == 0);
+  args = make_args(in, out, no_mask, MaskMode::Regenerate, 1.0, DType::Float32);
+  dropout_forward_cpu(args, kRng, 0, groups_of(n));
+  int64_t nonzero = 0;
+  for (float v : out) nonzero += v != 0.0f;
+  FASTREG_CHECK_EQ(nonzero, int64_t{0});
+}
+
+FASTREG_TEST(dropout_cpu_group_ranges_compose) {
+  // Callers split the groups across threads: any split must give the whole-range result.
+  const int64_t n = 8 * 200 + 5;
+  const std::vector<float> in = ramp<float>(n);
+  std::vector<float> whole(n), pieces(n);
+  std::vector<uint8_t> mask_whole(groups_of(n)), mask_pieces(groups_of(n));
+  dropout_forward_cpu(make_args(in, whole, mask_whole, MaskMode::Bits, 0.4, DType::Float32), kRng, 0, groups_of(n));
+  const DropoutArgs args = make_args(in, pieces, mask_pieces, MaskMode::Bits, 0.4, DType::Float32);
+  const int64_t cuts[] = {0, 3, 64, 65, 130, groups_of(n)};
+  for (int k = 0; k + 1 < 6; ++k) dropout_forward_cpu(args, kRng, cuts[k], cuts[k + 1]);
+  FASTREG_CHECK(whole == pieces);
+  FASTREG_CHECK(mask_whole == mask_pieces);
+}
