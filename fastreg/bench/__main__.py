@@ -1,0 +1,150 @@
+"""``python -m fastreg.bench`` / ``fastreg-bench``: run the benchmark cases and write a report.
+
+    python -m fastreg.bench [--set quick|full] [--device cpu|cuda] [--ops dropout,penalty]
+                            [--out FOLDER] [--overwrite] [--compile | --no-compile] [--match TEXT]
+    python -m fastreg.bench compare RUN_A RUN_B [--out FILE]
+    python -m fastreg.bench report RUN          (re-render report.md, CSV and plots from raw.json)
+
+Exit status 1 when any implementation failed the correctness gate (the report says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import env, report
+from .cases import cases_for
+from .runner import ERROR, MISMATCH, run_cases
+from .sets import SETS, default_set
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastreg.bench",
+        description="Correctness-gated benchmark of fastreg's ops against PyTorch.",
+        epilog="Subcommands: 'compare RUN_A RUN_B' and 'report RUN'.",
+    )
+    parser.add_argument("--set", choices=sorted(SETS), help="case set (default: full on GPU, quick on CPU)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--ops", default=None, help="comma-separated ops (default: all registered)")
+    parser.add_argument("--match", default=None, help="only cases whose id contains this text")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result folder (default: ./fastreg-bench-results/<device>-<set>-<time>)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_const",
+        const="on",
+        default="auto",
+        help="torch.compile row in every case",
+    )
+    group.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="no torch.compile rows")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    return parser
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    existing = [name for name in report.OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise SystemExit(
+            f"fastreg.bench: {out} already holds a run ({', '.join(existing)}); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    for name in existing:  # only what we write ourselves; anything else in the folder stays
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def main_run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    device = args.device or _default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastreg.bench: --device cuda asked for, but torch.cuda.is_available() is False")
+    set_name = args.set or default_set(device)
+    ops = [op.strip() for op in args.ops.split(",")] if args.ops else None
+    cases = cases_for(set_name, device, ops, args.compile)
+    if args.match:
+        cases = [c for c in cases if args.match in c.id]
+    if args.list:
+        for case in cases:
+            print(f"{case.id:<32} {', '.join(case.impl_names)}")
+        return 0
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("fastreg-bench-results") / f"{env.device_tag(device)}-{set_name}-{stamp}"
+    _prepare_out(out, args.overwrite)
+    print(
+        f"fastreg.bench: {len(cases)} cases of the '{set_name}' set on {device}; results go to {out}", file=sys.stderr
+    )
+    info = env.run_info(device, set_name)  # loads (or JIT-builds) the kernels before anything is timed
+    print(
+        f"fastreg.bench: {info['device_name']}, torch {info['torch_version']}, fastreg {info['fastreg_commit']}, "
+        f"backend {info['fastreg_backend']}",
+        file=sys.stderr,
+    )
+    started = time.perf_counter()
+    rows = [row.as_dict() for row in run_cases(cases, SETS[set_name].timing)]
+    info["wall_time_s"] = f"{time.perf_counter() - started:.0f}"
+    info["load_average_end"] = env.load_average()
+    report.write_all(out, info, rows)
+    failed = [r for r in rows if r["status"] in (MISMATCH, ERROR)]
+    print(f"fastreg.bench: wrote {out / report.REPORT} ({info['wall_time_s']} s)", file=sys.stderr)
+    if failed:
+        print(
+            f"fastreg.bench: {len(failed)} implementation(s) FAILED the correctness gate; see the report",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main_compare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastreg.bench compare")
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="also write the comparison to this Markdown file")
+    args = parser.parse_args(argv)
+    from .compare import compare
+
+    text = compare(args.run_a, args.run_b)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+def main_report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastreg.bench report")
+    parser.add_argument("run", type=Path)
+    folder = parser.parse_args(argv).run
+    info, rows = report.load_raw(folder)
+    report.write_all(folder, info, rows)
+    print(f"fastreg.bench: re-rendered {folder / report.REPORT}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return main_compare(argv[1:])
+    if argv and argv[0] == "report":
+        return main_report(argv[1:])
+    return main_run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
