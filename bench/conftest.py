@@ -101,3 +101,23 @@ def pytest_terminal_summary(terminalreporter):
     for op in dict.fromkeys(r["op"] for r in rows):
         for line in op_section(op, [r for r in rows if r["op"] == op]):
             terminalreporter.write_line(line)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastreg"] = run_info(_device(config), _set(config))
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Adds the cross-row metrics (known only once every row of a case ran) to --benchmark-json."""
+    rows = {(row.case, row.impl): row for row in pytest_glue.finished_rows()}
+    for bench in output_json.get("benchmarks", []):
+        info = bench.setdefault("extra_info", {})
+        row = rows.get((info.get("case"), info.get("impl")))
+        if row is not None:
+            info.update(
+                median_ms_per_call=row.median_ms,
+                pct_of_copy_inplace=row.pct_of_copy_inplace,
+                pct_of_copy_clone=row.pct_of_copy_clone,
+                speedup_vs_eager=row.speedup_vs_eager,
+                speedup_vs_best_torch=row.speedup_vs_best_torch,
+            )

@@ -53,6 +53,9 @@ def run_parser() -> argparse.ArgumentParser:
         help="torch.compile row in every case",
     )
     group.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="no torch.compile rows")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for CPU runs (default: torch's)"
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     return parser
 
@@ -73,6 +76,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def main_run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
     device = args.device or _default_device()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastreg.bench: --device cuda asked for, but torch.cuda.is_available() is False")
     set_name = args.set or default_set(device)
