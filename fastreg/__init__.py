@@ -7,11 +7,22 @@ reference, with one warning, where they cannot be built.
 
 from __future__ import annotations
 
-from . import _loader, functional, ops  # noqa: F401  (ops defines torch.ops.fastreg.*)
+from . import _loader, functional, ops, penalty  # noqa: F401  (ops defines torch.ops.fastreg.*)
 from ._backends import backends
 from .modules import Dropout, Dropout1d, Dropout2d, Dropout3d
+from .penalty import WeightPenalty, select_decay_parameters, weight_penalty
 
 __version__ = "0.1.0"
-__all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "backends", "functional"]
+__all__ = [
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "WeightPenalty",
+    "backends",
+    "functional",
+    "select_decay_parameters",
+    "weight_penalty",
+]
 
 _loader.check_aot_build_at_import()

@@ -14,6 +14,7 @@ device, re-dispatches to it.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import torch
@@ -51,14 +52,26 @@ def _device_type(args) -> str:
     return "cpu"
 
 
+_REENTRY = threading.local()
+
+
 def _lazy_kernel(name: str, reference: Callable) -> Callable:
     @functools.wraps(reference)
     def kernel(*args, **kwargs):
         from . import _loader
 
+        # Inputs the compiled kernels do not take (sparse tensors, an empty tensor list) land
+        # here again after the re-dispatch below: the second arrival runs the reference,
+        # which gives them a result or a clear error instead of recursing.
+        if getattr(_REENTRY, "active", False):
+            return reference(*args, **kwargs)
         device_type = _device_type(args)
         if _loader.load_kernels(device_type) and has_kernel(name, device_type):
-            return getattr(torch.ops.fastreg, name)(*args, **kwargs)
+            _REENTRY.active = True
+            try:
+                return getattr(torch.ops.fastreg, name)(*args, **kwargs)
+            finally:
+                _REENTRY.active = False
         return reference(*args, **kwargs)
 
     return kernel

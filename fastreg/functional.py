@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from .ops import dropout as _dropout_ops  # noqa: F401  (defines the ops)
+from .penalty import weight_penalty  # noqa: F401  (fastreg.functional.weight_penalty)
 from .reference.dropout import check_input, check_p
 
 #: mask storage for backward -> the op's mask_mode
