@@ -14,7 +14,11 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
-CXX_FLAGS = ["-O3"]
+# -fopenmp: ATen's parallel_for is an inline OpenMP template; without the flag its pragma is
+# dropped and every "parallel" CPU kernel runs on one thread. The extension then needs
+# libgomp.so.1, which resolves to the copy torch has already loaded: one OpenMP runtime.
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
@@ -57,10 +61,10 @@ def kernel_files(root: Path | None = None) -> list[Path]:
 
 
 def source_hash(root: Path | None = None) -> str:
-    """Hash of the kernel sources and headers: a change of any of them makes a new build.
-    The C++ tests are left out, so editing them does not invalidate compiled kernels."""
+    """Hash of the kernel sources, headers and compiler flags: a change of any of them makes a
+    new build. The C++ tests are left out, so editing them does not invalidate compiled kernels."""
     root = root or source_root()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(" ".join(CXX_FLAGS + LINK_FLAGS + NVCC_FLAGS).encode())
     for path in kernel_files(root):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
