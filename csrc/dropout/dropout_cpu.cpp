@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../common/compute_type.h"
 #include "dropout_kernels.h"
 
 namespace fastreg {
@@ -125,13 +126,7 @@ void keep_bits(DropoutRngState rng, uint64_t group0, uint32_t threshold, uint8_t
 #endif
 
 template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
+using Compute = ComputeType<T>;
 
 template <typename T>
 typename Compute<T>::type keep_scale(const DropoutArgs& args) {

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "../common/compute_type.h"
 #include "dropout_kernels.h"
 
 namespace fastreg {
@@ -15,8 +16,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
+template <typename T>
+using Acc = ComputeType<T>;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }

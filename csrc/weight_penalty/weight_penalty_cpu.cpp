@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../common/compute_type.h"
 #include "weight_penalty_kernels.h"
 
 // No fused multiply-adds: GCC contracts a * b + c by default, and only on the clones whose ISA
@@ -22,13 +23,7 @@ namespace fastreg {
 namespace {
 
 template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
+using Compute = ComputeType<T>;
 
 template <typename A>
 inline A sign_of(A x) {

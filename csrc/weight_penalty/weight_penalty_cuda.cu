@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "../common/compute_type.h"
 #include "weight_penalty_kernels.h"
 
 namespace fastreg {
@@ -49,13 +50,7 @@ static_assert(sizeof(LaunchTable) + sizeof(KernelScalars) + sizeof(double*) <= 4
 
 // Compute type and conversions: fp32 for fp32/fp16/bf16, fp64 for fp64; round to nearest even.
 template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
+using Compute = ComputeType<T>;
 
 __device__ __forceinline__ float to_compute(float x) { return x; }
 __device__ __forceinline__ double to_compute(double x) { return x; }
