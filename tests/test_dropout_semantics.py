@@ -178,3 +178,17 @@ def test_feature_dropout_errors_and_warnings_match_torch():
         warnings.simplefilter("always")
         torch.nn.Dropout2d()(torch.ones(2, 3, 4))
     assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_with_mask_returns_the_mask_it_applied(device):
+    x = torch.rand(1003, device=device) + 1
+    out, keep = F.dropout_with_mask(x, 0.3)
+    assert keep.dtype == torch.bool and torch.equal(keep, out != 0)
+    out_bits, bits = F.dropout_with_mask(x, 0.3, mask_mode="bits")
+    assert bits.dtype == torch.uint8 and bits.numel() == (1003 + 7) // 8
+    assert torch.equal(ref.unpack_bits(bits, 1003), out_bits != 0)
+    same, all_kept = F.dropout_with_mask(x, 0.3, training=False)
+    assert same is x and bool(all_kept.all())
+    with pytest.raises(ValueError, match="bool' or 'bits"):
+        F.dropout_with_mask(x, 0.3, mask_mode="regenerate")
