@@ -23,6 +23,8 @@ def backends(load: bool = True) -> list[dict[str, str]]:
             if has_kernel(name, device):
                 rows.append({"op": name, "device": device, "backend": f"kernel ({_loader.STATE.mode})", "why": ""})
             else:
-                why = _loader.STATE.reason or ("kernels not loaded yet" if not _loader.STATE.attempted else "no kernel for this device")
+                why = _loader.STATE.reason or (
+                    "kernels not loaded yet" if not _loader.STATE.attempted else "no kernel for this device"
+                )
                 rows.append({"op": name, "device": device, "backend": "reference", "why": why})
     return rows

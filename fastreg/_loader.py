@@ -88,7 +88,9 @@ def load_kernels(device_type: str = "cpu") -> bool:
                 _load_once()
                 STATE.attempted = True
     if device_type == "cuda" and STATE.library and not STATE.cuda_built:
-        _warn_once("cuda", f"fastreg: no CUDA kernels in {STATE.library} ({STATE.reason}); CUDA ops run on the reference.")
+        _warn_once(
+            "cuda", f"fastreg: no CUDA kernels in {STATE.library} ({STATE.reason}); CUDA ops run on the reference."
+        )
     return STATE.library is not None
 
 
@@ -137,7 +139,9 @@ def cache_root() -> Path:
 
 
 def jit_build_dir(with_cuda: bool) -> Path:
-    cuda = f"cu{torch.version.cuda}-{_build.cuda_arch_list().replace(';', '_').replace(' ', '_')}" if with_cuda else "cpu"
+    cuda = (
+        f"cu{torch.version.cuda}-{_build.cuda_arch_list().replace(';', '_').replace(' ', '_')}" if with_cuda else "cpu"
+    )
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     return cache_root() / f"torch{torch.__version__}-{cuda}-{py}-{_build.source_hash()}"
 
@@ -170,7 +174,11 @@ def _jit_build_and_load() -> None:
                 _warn_once("stale", f"fastreg: removed the stale build lock {stale} left by an interrupted build.")
                 stale.unlink()
             what = "CPU+CUDA" if with_cuda else "CPU"
-            print(f"fastreg: compiling {what} kernels into {build_dir} (about a minute, once)...", file=sys.stderr, flush=True)
+            print(
+                f"fastreg: compiling {what} kernels into {build_dir} (about a minute, once)...",
+                file=sys.stderr,
+                flush=True,
+            )
             start = time.perf_counter()
             if with_cuda:
                 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _build.cuda_arch_list())
@@ -207,7 +215,9 @@ def build_lock(build_dir: Path):
                 if not told:
                     handle.seek(0)
                     holder = handle.read().strip() or "unknown"
-                    print(f"fastreg: waiting for another build (pid {holder}) holding {path}", file=sys.stderr, flush=True)
+                    print(
+                        f"fastreg: waiting for another build (pid {holder}) holding {path}", file=sys.stderr, flush=True
+                    )
                     told = True
                 if time.monotonic() > deadline:
                     raise TimeoutError(

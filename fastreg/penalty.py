@@ -121,7 +121,9 @@ class WeightPenalty:
         if isinstance(params, nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
         elif isinstance(params, torch.Tensor):
-            raise TypeError("WeightPenalty: params must be an iterable of tensors, a module or a list of groups, got a tensor")
+            raise TypeError(
+                "WeightPenalty: params must be an iterable of tensors, a module or a list of groups, got a tensor"
+            )
         raw_groups = list(params)
         if not raw_groups or not all(isinstance(g, dict) for g in raw_groups):
             raw_groups = [{"params": raw_groups}]

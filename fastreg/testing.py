@@ -33,7 +33,11 @@ def mismatch(actual, expected, *, exact: bool = False) -> str | None:
         return f"shape/dtype {tuple(actual.shape)}/{actual.dtype} != {tuple(expected.shape)}/{expected.dtype}"
     a, e = actual.detach().cpu(), expected.detach().cpu()
     if exact:
-        same = torch.equal(a, e) or bool(((a == e) | (a.isnan() & e.isnan())).all()) if a.is_floating_point() else torch.equal(a, e)
+        same = (
+            torch.equal(a, e) or bool(((a == e) | (a.isnan() & e.isnan())).all())
+            if a.is_floating_point()
+            else torch.equal(a, e)
+        )
         if not same:
             return f"not bit-identical: {int((a != e).sum())} of {a.numel()} elements differ"
         return None

@@ -22,7 +22,10 @@ def test_opcheck(device, mode):
     # checks that compare two runs and keep schema / fake / autograd registration.
     opcheck(torch.ops.fastreg.dropout.default, (x, 0.3, mode), test_utils=("test_schema", "test_faketensor"))
     out, mask = torch.ops.fastreg.dropout_seeded(x.detach(), 0.3, state(device), mode)
-    opcheck(torch.ops.fastreg.dropout_backward.default, (torch.randn_like(out, requires_grad=True), mask, state(device), 0.3, mode))
+    opcheck(
+        torch.ops.fastreg.dropout_backward.default,
+        (torch.randn_like(out, requires_grad=True), mask, state(device), 0.3, mode),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -16,7 +16,11 @@ from .helpers import DEVICES, FLOAT_DTYPES, kernel_available, require_kernel
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -44,7 +48,8 @@ def test_kernel_is_bit_identical_to_reference(device, dtype, n, mode):
     assert torch.equal(mask, ref_mask)
     grad = torch.randn(n, device=device).to(dtype)
     assert torch.equal(
-        torch.ops.fastreg.dropout_backward(grad, mask, state, 0.3, mode), ref.dropout_backward(grad, ref_mask, state, 0.3, mode)
+        torch.ops.fastreg.dropout_backward(grad, mask, state, 0.3, mode),
+        ref.dropout_backward(grad, ref_mask, state, 0.3, mode),
     )
 
 

@@ -133,7 +133,9 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="mask_mode"):
         torch.ops.fastreg.dropout(torch.ones(3), 0.5, 7)
     with pytest.raises(RuntimeError, match="mask"):
-        torch.ops.fastreg.dropout_backward(torch.ones(16), torch.ones(1, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 0.5, 1)
+        torch.ops.fastreg.dropout_backward(
+            torch.ones(16), torch.ones(1, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 0.5, 1
+        )
 
 
 def test_module_is_a_drop_in_for_torch_nn_dropout():

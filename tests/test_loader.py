@@ -121,21 +121,26 @@ def test_invalid_backend_is_rejected(monkeypatch):
         _loader.requested_backend()
 
 
+def cpu_build_dir(package, env) -> Path:
+    """The JIT build folder a child process with this environment would use."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "from fastreg import _loader; print(_loader.jit_build_dir(False))"],
+        cwd=package,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(probe.stdout.strip())
+
+
 @pytest.fixture(scope="module")
 def concurrent_first_builds(jit_only_package, tmp_path_factory):
     """Two processes start on an empty cache whose build folder holds the `lock` file of a killed
     build (torch's own lock, which would otherwise block torch's build forever)."""
     cache = tmp_path_factory.mktemp("cache")
     env = child_env(jit_only_package, cache)
-    probe = subprocess.run(
-        [sys.executable, "-c", "from fastreg import _loader; print(_loader.jit_build_dir(False))"],
-        cwd=jit_only_package,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    build_dir = Path(probe.stdout.strip())
+    build_dir = cpu_build_dir(jit_only_package, env)
     build_dir.mkdir(parents=True)
     stale_lock = build_dir / "lock"
     stale_lock.write_text("")
@@ -186,15 +191,7 @@ def test_stale_build_lock_is_reported_with_its_path(concurrent_first_builds):
 def test_build_lock_held_too_long_gives_up_naming_the_lock(jit_only_package, tmp_path):
     """A build that hangs while holding the lock makes others fall back after the timeout."""
     env = child_env(jit_only_package, tmp_path / "cache", FASTREG_BUILD_LOCK_TIMEOUT="1")
-    probe = subprocess.run(
-        [sys.executable, "-c", "from fastreg import _loader; print(_loader.jit_build_dir(False))"],
-        cwd=jit_only_package,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    build_dir = Path(probe.stdout.strip())
+    build_dir = cpu_build_dir(jit_only_package, env)
     build_dir.mkdir(parents=True)
     lock_path = build_dir / ".fastreg-build.lock"
     with open(lock_path, "a+") as held:

@@ -20,7 +20,20 @@ COEFFICIENTS = [(0.0, 0.0), (0.3, 0.0), (0.0, 0.7), (0.3, 0.7), (1e-5, 1e-4)]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Sizes around the CPU vector block (256 fp32), the CPU chunk (32768) and the CUDA chunk (16384).
-EDGE_SHAPES = [(0,), (1,), (3, 0, 2), (7,), (255,), (256,), (257,), (16383,), (16385,), (32767,), (32769,), (5, 3, 3, 3)]
+EDGE_SHAPES = [
+    (0,),
+    (1,),
+    (3, 0, 2),
+    (7,),
+    (255,),
+    (256,),
+    (257,),
+    (16383,),
+    (16385,),
+    (32767,),
+    (32769,),
+    (5, 3, 3, 3),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,7 +72,8 @@ def many_shapes(count=211):
 
 
 KERNELS_ONLY = pytest.mark.skipif(
-    os.environ.get("FASTREG_BACKEND") == "reference", reason="a property of the kernels (torch.sum's order follows threads)"
+    os.environ.get("FASTREG_BACKEND") == "reference",
+    reason="a property of the kernels (torch.sum's order follows threads)",
 )
 
 
@@ -125,7 +139,12 @@ def test_empty_list_and_empty_tensors():
 
 def test_nan_and_inf_propagate_like_the_formula():
     big = [torch.tensor([1.0, 3e30]), torch.tensor([2.0])]  # sum of squares overflows float32
-    for params, l1, l2 in [(big, 1.0, 0.0), (big, 0.0, 1.0), (big, 0.0, 0.0), ([torch.tensor([float("nan")])], 1.0, 1.0)]:
+    for params, l1, l2 in [
+        (big, 1.0, 0.0),
+        (big, 0.0, 1.0),
+        (big, 0.0, 0.0),
+        ([torch.tensor([float("nan")])], 1.0, 1.0),
+    ]:
         expected = float(ref.naive_penalty(params, l1, l2))  # 0 * inf is nan there too
         got = float(OPS.weight_penalty_value(params, l1, l2))
         assert (math.isnan(got) and math.isnan(expected)) or got == expected, (params, l1, l2, got, expected)
@@ -226,8 +245,11 @@ def test_functional_value_and_grad_match_naive_autograd(dtype, l1, l2):
 
 
 def test_functional_gradcheck_and_gradgradcheck():
-    params = [(torch.rand(s, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(
-        math.prod(s) // 2 + 1)[: math.prod(s)].reshape(s) for s in [(3, 4), (5,), (2, 3, 2)]]
+    params = [
+        (torch.rand(s, dtype=torch.float64) + 0.1)
+        * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(math.prod(s) // 2 + 1)[: math.prod(s)].reshape(s)
+        for s in [(3, 4), (5,), (2, 3, 2)]
+    ]
     params = [p.requires_grad_() for p in params]
 
     def fn(*ps):
@@ -304,13 +326,19 @@ def test_weight_penalty_groups_have_their_own_coefficients():
     assert math.isclose(float(value), expected, rel_tol=1e-6)
     assert mismatch(a.grad, (0.1 * torch.sign(a) + 1.0 * a).detach()) is None
     assert mismatch(b.grad, (0.25 * torch.sign(b)).detach()) is None
-    assert math.isclose(float(wp().detach()), expected, rel_tol=1e-6) and math.isclose(float(wp.value()), expected, rel_tol=1e-6)
+    assert math.isclose(float(wp().detach()), expected, rel_tol=1e-6) and math.isclose(
+        float(wp.value()), expected, rel_tol=1e-6
+    )
 
 
 def test_weight_penalty_skips_zero_groups_and_takes_modules():
     net = SmallNet()
-    wp = penalty.WeightPenalty([{"params": penalty.select_decay_parameters(net), "l2": 0.1},
-                                {"params": [net.bn.weight, net.bn.bias], "l2": 0.0}])
+    wp = penalty.WeightPenalty(
+        [
+            {"params": penalty.select_decay_parameters(net), "l2": 0.1},
+            {"params": [net.bn.weight, net.bn.bias], "l2": 0.0},
+        ]
+    )
     wp.add_grad_()
     assert net.bn.weight.grad is None and net.conv.weight.grad is not None
     whole = penalty.WeightPenalty(net, l2=0.1)  # a module: its trainable parameters

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "../common/compute_type.h"
+#include "../common/compute_type_cuda.cuh"
 #include "dropout_kernels.h"
 
 namespace fastreg {
@@ -18,15 +18,6 @@ constexpr int kBlocksPerSm = 8;
 
 template <typename T>
 using Acc = ComputeType<T>;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Eight elements as whole 16-byte words: 2 words for fp32, 1 for fp16/bf16, 4 for fp64.
 template <typename T>
@@ -95,11 +86,11 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(DropoutArgs args, Dro
       Group8<T> x = *reinterpret_cast<const Group8<T>*>(in + e0);
       Group8<T> y;
 #pragma unroll
-      for (int j = 0; j < kDropoutGroup; ++j) y.v[j] = from_acc<T>(to_acc(x.v[j]) * (((bits >> j) & 1u) ? scale : A(0)));
+      for (int j = 0; j < kDropoutGroup; ++j) y.v[j] = from_compute<T>(to_compute(x.v[j]) * (((bits >> j) & 1u) ? scale : A(0)));
       *reinterpret_cast<Group8<T>*>(out + e0) = y;
     } else {
       for (int j = 0; j < kDropoutGroup && e0 + j < n; ++j) {
-        out[e0 + j] = from_acc<T>(to_acc(in[e0 + j]) * (((bits >> j) & 1u) ? scale : A(0)));
+        out[e0 + j] = from_compute<T>(to_compute(in[e0 + j]) * (((bits >> j) & 1u) ? scale : A(0)));
       }
     }
   }

@@ -17,7 +17,7 @@
 
 #include <cstdint>
 
-#include "../common/compute_type.h"
+#include "../common/compute_type_cuda.cuh"
 #include "weight_penalty_kernels.h"
 
 namespace fastreg {
@@ -48,25 +48,9 @@ struct KernelScalars {
 static_assert(sizeof(LaunchTable) + sizeof(KernelScalars) + sizeof(double*) <= 4096,
               "kernel arguments must fit the classic 4 KB limit");
 
-// Compute type and conversions: fp32 for fp32/fp16/bf16, fp64 for fp64; round to nearest even.
+// Compute type: fp32 for fp32/fp16/bf16, fp64 for fp64 (conversions: compute_type_cuda.cuh).
 template <typename T>
 using Compute = ComputeType<T>;
-
-__device__ __forceinline__ float to_compute(float x) { return x; }
-__device__ __forceinline__ double to_compute(double x) { return x; }
-__device__ __forceinline__ float to_compute(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_compute(typename Compute<T>::type x);
-template <>
-__device__ __forceinline__ float from_compute<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_compute<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_compute<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Explicitly rounded arithmetic: no contraction into FMA, so gradients have autograd's bits.
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }

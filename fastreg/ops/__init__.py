@@ -1,4 +1,6 @@
 """Op definitions: schema, reference fallback, fake (meta) kernel and autograd, per op family."""
 
-from . import dropout  # noqa: F401  (defines fastreg::dropout*)
-from . import weight_penalty  # noqa: F401  (defines fastreg::weight_penalty*)
+from . import (
+    dropout,  # noqa: F401  (defines fastreg::dropout*)
+    weight_penalty,  # noqa: F401  (defines fastreg::weight_penalty*)
+)

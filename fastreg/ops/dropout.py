@@ -105,4 +105,6 @@ def _dropout_backward_grad(ctx, grad_grad_input):
 
 torch.library.register_autograd("fastreg::dropout", _dropout_grad, setup_context=_dropout_setup)
 torch.library.register_autograd("fastreg::dropout_seeded", _dropout_seeded_grad, setup_context=_dropout_seeded_setup)
-torch.library.register_autograd("fastreg::dropout_backward", _dropout_backward_grad, setup_context=_dropout_backward_setup)
+torch.library.register_autograd(
+    "fastreg::dropout_backward", _dropout_backward_grad, setup_context=_dropout_backward_setup
+)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..memory_format import flat_memory_view, from_memory_order, memory_dense
+from ..memory_format import from_memory_order, memory_dense
 from .philox import philox4x32_10
 
 GROUP = 8  # keep decisions per Philox call
@@ -33,7 +33,12 @@ def keep_flat(n: int, p: float, seed: int, offset: int, device: torch.device | s
     """Keep decisions of elements 0..n-1 (memory order) as a bool tensor."""
     groups = (n + GROUP - 1) // GROUP
     g = torch.arange(groups, dtype=torch.int64, device=device)
-    counter = [g & 0xFFFFFFFF, g >> 32, torch.full_like(g, offset & 0xFFFFFFFF), torch.full_like(g, (offset >> 32) & 0xFFFFFFFF)]
+    counter = [
+        g & 0xFFFFFFFF,
+        g >> 32,
+        torch.full_like(g, offset & 0xFFFFFFFF),
+        torch.full_like(g, (offset >> 32) & 0xFFFFFFFF),
+    ]
     words = philox4x32_10(counter, (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
     lanes = torch.stack([half for w in words for half in (w & 0xFFFF, w >> 16)], dim=1)
     return (lanes < keep_threshold(p)).reshape(-1)[:n]
@@ -84,10 +89,14 @@ def check_input(x: torch.Tensor) -> None:
     if x.layout != torch.strided:
         raise RuntimeError(f"fastreg.dropout: input must be a strided (dense) tensor, got layout {x.layout}")
     if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"fastreg.dropout: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {x.dtype}")
+        raise TypeError(
+            f"fastreg.dropout: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {x.dtype}"
+        )
 
 
-def dropout_seeded(x: torch.Tensor, p: float, rng_state: torch.Tensor, mask_mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_seeded(
+    x: torch.Tensor, p: float, rng_state: torch.Tensor, mask_mode: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_input(x)
     check_p(p)
     _check_mode(mask_mode)
@@ -129,7 +138,9 @@ def _check_saved_mask(mask: torch.Tensor, grad: torch.Tensor, mask_mode: int) ->
         )
 
 
-def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, rng_state: torch.Tensor, p: float, mask_mode: int) -> torch.Tensor:
+def dropout_backward(
+    grad: torch.Tensor, mask: torch.Tensor, rng_state: torch.Tensor, p: float, mask_mode: int
+) -> torch.Tensor:
     check_p(p)
     _check_mode(mask_mode)
     _check_saved_mask(mask, grad, mask_mode)

@@ -56,7 +56,9 @@ def check_grads(grads, params) -> None:
         if g.device != p.device:
             raise RuntimeError(f"fastreg.weight_penalty: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
         if g.dtype != p.dtype:
-            raise TypeError(f"fastreg.weight_penalty: grads[{i}] has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
+            raise TypeError(
+                f"fastreg.weight_penalty: grads[{i}] has dtype {g.dtype} but params[{i}] has dtype {p.dtype}"
+            )
         if g.shape != p.shape:
             raise RuntimeError(
                 f"fastreg.weight_penalty: grads[{i}] has shape {list(g.shape)} but params[{i}] has shape {list(p.shape)}"
@@ -126,12 +128,16 @@ def weight_penalty_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], 
     return value
 
 
-def weight_penalty_backward(grad_output: torch.Tensor, params: list[torch.Tensor], l1: float, l2: float) -> list[torch.Tensor]:
+def weight_penalty_backward(
+    grad_output: torch.Tensor, params: list[torch.Tensor], l1: float, l2: float
+) -> list[torch.Tensor]:
     """[(go * l1) * sign(p) + 2 * (go * l2) * p for p in params], laid out like memory_dense(p)."""
     check_coefficients(l1, l2)
     check_params(params)
     if grad_output.numel() != 1:
-        raise RuntimeError(f"fastreg.weight_penalty_backward: grad_output must have one element, got {grad_output.numel()}")
+        raise RuntimeError(
+            f"fastreg.weight_penalty_backward: grad_output must have one element, got {grad_output.numel()}"
+        )
     go = grad_output.detach().reshape(()).to(value_dtype(params))
     outputs = []
     for p in params:
