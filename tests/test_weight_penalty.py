@@ -14,10 +14,14 @@ from fastreg._library import has_kernel
 from fastreg.reference import weight_penalty as ref
 from fastreg.testing import mismatch, opcheck
 
+from .helpers import DEVICES
+
 OPS = torch.ops.fastreg
+PENALTY_OPS = ("weight_penalty_value", "weight_penalty_grad_", "weight_penalty_backward")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 COEFFICIENTS = [(0.0, 0.0), (0.3, 0.0), (0.0, 0.7), (0.3, 0.7), (1e-5, 1e-4)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+REFERENCE_BACKEND = os.environ.get("FASTREG_BACKEND", "auto").strip().lower() == "reference"
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Sizes around the CPU vector block (256 fp32), the CPU chunk (32768) and the CUDA chunk (16384).
 EDGE_SHAPES = [
@@ -39,6 +43,18 @@ EDGE_SHAPES = [
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     _loader.load_kernels("cpu")
+
+
+def use_kernels(device: str) -> None:
+    """A test on ``device`` must run that device's compiled kernels, not the reference they fall
+    back to: fail when they are not active. Like helpers.require_kernel, but for these ops, and
+    under FASTREG_BACKEND=reference it lets the test run (on the reference) instead of skipping,
+    because these tests compare with the naive formula, which the reference must match too."""
+    if REFERENCE_BACKEND:
+        return
+    loaded = _loader.load_kernels(device)
+    missing = [name for name in PENALTY_OPS if not has_kernel(name, device)]
+    assert loaded and not missing, f"no {device} kernel for {missing or list(PENALTY_OPS)}: {_loader.STATE.reason}"
 
 
 def make(shapes, dtype=torch.float32, device="cpu", seed=0, zeros_every=7):
@@ -72,15 +88,17 @@ def many_shapes(count=211):
 
 
 KERNELS_ONLY = pytest.mark.skipif(
-    os.environ.get("FASTREG_BACKEND") == "reference",
+    REFERENCE_BACKEND,
     reason="a property of the kernels (torch.sum's order follows threads)",
 )
 
 
 @KERNELS_ONLY
-def test_cpu_kernels_are_registered():
-    for name in ("weight_penalty_value", "weight_penalty_grad_", "weight_penalty_backward"):
-        assert has_kernel(name, "cpu"), f"{name}: no CPU kernel ({_loader.STATE.reason})"
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_are_registered(device):
+    assert _loader.load_kernels(device), _loader.STATE.reason
+    for name in PENALTY_OPS:
+        assert has_kernel(name, device), f"{name}: no {device} kernel ({_loader.STATE.reason})"
 
 
 # --- value -------------------------------------------------------------------------------
@@ -90,6 +108,7 @@ def test_cpu_kernels_are_registered():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("l1,l2", COEFFICIENTS)
 def test_value_matches_naive_formula(device, dtype, l1, l2):
+    use_kernels(device)
     params = make(EDGE_SHAPES + many_shapes(), dtype, device)
     value = OPS.weight_penalty_value(params, l1, l2)
     assert value.device.type == device
@@ -100,6 +119,7 @@ def test_value_matches_naive_formula(device, dtype, l1, l2):
 @KERNELS_ONLY
 @pytest.mark.parametrize("device", DEVICES)
 def test_value_is_bitwise_stable_across_runs_and_thread_counts(device):
+    use_kernels(device)
     params = make(penalty.small_cpu_shapes()[:24] + EDGE_SHAPES, torch.float32, device)
     first = OPS.weight_penalty_value(params, 0.01, 0.02)
     threads = torch.get_num_threads()
@@ -113,31 +133,42 @@ def test_value_is_bitwise_stable_across_runs_and_thread_counts(device):
     assert_value_close(first, params, 0.01, 0.02)
 
 
-def test_value_of_mixed_dtypes_is_float64_when_any_is():
-    params = make([(300,), (70, 3), (1025,), (5,)], torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_value_of_mixed_dtypes_is_float64_when_any_is(device):
+    use_kernels(device)
+    params = make([(300,), (70, 3), (1025,), (5,)], torch.float32, device)
     params = [params[0], params[1].half(), params[2].bfloat16(), params[3].double()]
     value = OPS.weight_penalty_value(params, 0.2, 0.5)
-    assert value.dtype == torch.float64
+    assert value.dtype == torch.float64 and value.device.type == device
     assert_value_close(value, params, 0.2, 0.5)  # the float64 tensor accumulates in float64, the rest in float32
     assert_value_close(OPS.weight_penalty_value(params[3:], 0.2, 0.5), params[3:], 0.2, 0.5, rtol=1e-14)
     assert OPS.weight_penalty_value(params[:3], 0.2, 0.5).dtype == torch.float32
 
 
-def test_value_of_non_dense_views():
-    base = make([(64, 90)])[0]
+@pytest.mark.parametrize("device", DEVICES)
+def test_value_of_non_dense_views(device):
+    use_kernels(device)
+    base = make([(64, 90)], device=device)[0]
     views = [base[:, ::3], base.t(), base[10:20], base.unsqueeze(0).expand(3, 64, 90)]
     assert_value_close(OPS.weight_penalty_value(views, 0.1, 0.3), views, 0.1, 0.3)
 
 
-def test_empty_list_and_empty_tensors():
-    empties = [torch.empty(0), torch.empty(3, 0)]
-    assert float(OPS.weight_penalty_value(empties, 1.0, 1.0)) == 0.0
-    grads = [torch.empty(0), torch.empty(3, 0)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_list_and_empty_tensors(device):
+    use_kernels(device)
+    empties = [torch.empty(0, device=device), torch.empty(3, 0, device=device)]
+    value = OPS.weight_penalty_value(empties, 1.0, 1.0)  # no blocks on CUDA: the final kernel still writes 0
+    assert value.device.type == device and float(value) == 0.0
+    grads = [torch.empty(0, device=device), torch.empty(3, 0, device=device)]
     assert float(OPS.weight_penalty_grad_(grads, empties, 1.0, 1.0)) == 0.0
+    outputs = OPS.weight_penalty_backward(torch.tensor(1.0, device=device), empties, 1.0, 1.0)
+    assert [tuple(o.shape) for o in outputs] == [(0,), (3, 0)] and all(o.device.type == device for o in outputs)
     assert float(penalty.weight_penalty([], l1=1.0)) == 0.0
 
 
-def test_nan_and_inf_propagate_like_the_formula():
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_propagate_like_the_formula(device):
+    use_kernels(device)
     big = [torch.tensor([1.0, 3e30]), torch.tensor([2.0])]  # sum of squares overflows float32
     for params, l1, l2 in [
         (big, 1.0, 0.0),
@@ -146,7 +177,7 @@ def test_nan_and_inf_propagate_like_the_formula():
         ([torch.tensor([float("nan")])], 1.0, 1.0),
     ]:
         expected = float(ref.naive_penalty(params, l1, l2))  # 0 * inf is nan there too
-        got = float(OPS.weight_penalty_value(params, l1, l2))
+        got = float(OPS.weight_penalty_value([p.to(device) for p in params], l1, l2))
         assert (math.isnan(got) and math.isnan(expected)) or got == expected, (params, l1, l2, got, expected)
 
 
@@ -157,6 +188,7 @@ def test_nan_and_inf_propagate_like_the_formula():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("l1,l2", COEFFICIENTS)
 def test_grad_inplace_matches_reference_bitwise(device, dtype, l1, l2):
+    use_kernels(device)
     params = make(EDGE_SHAPES + many_shapes(), dtype, device)
     grads = make(EDGE_SHAPES + many_shapes(), dtype, device, seed=1)
     expected = [g.clone() for g in grads]
@@ -167,20 +199,25 @@ def test_grad_inplace_matches_reference_bitwise(device, dtype, l1, l2):
     assert_value_close(ref_value, params, l1, l2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("l1,l2", COEFFICIENTS)
-def test_grad_inplace_matches_autograd_on_naive_formula(dtype, l1, l2):
-    leaves = [p.requires_grad_() for p in make(EDGE_SHAPES + many_shapes(40), dtype)]
-    initial = make(EDGE_SHAPES + many_shapes(40), dtype, seed=1)
+def test_grad_inplace_matches_autograd_on_naive_formula(device, dtype, l1, l2):
+    use_kernels(device)
+    leaves = [p.requires_grad_() for p in make(EDGE_SHAPES + many_shapes(40), dtype, device)]
+    initial = make(EDGE_SHAPES + many_shapes(40), dtype, device, seed=1)
     for p, g in zip(leaves, initial):
         p.grad = g.clone()
     ref.naive_penalty(leaves, l1, l2).backward()
     autograd = [p.grad for p in leaves]
     grads = [g.clone() for g in initial]
     OPS.weight_penalty_grad_(grads, [p.detach() for p in leaves], l1, l2)
-    # fp32/fp64: the same expressions in the same order, so the same bits; fp16/bf16: autograd
-    # rounds each intermediate to the parameter dtype, the kernels only the result, so they may
-    # differ by a few roundings of the terms (g, l1 * sign(w), 2 * l2 * w), not of their sum.
+    # fp32/fp64: the same expressions in the same order, so the same bits, on CUDA too: autograd's
+    # steps there are single IEEE multiplies and adds, and the CUDA kernel rounds each of its steps
+    # explicitly (__fmul_rn/__fadd_rn, no FMA contraction), so nothing is loosened for CUDA.
+    # fp16/bf16: autograd rounds each intermediate to the parameter dtype, the kernels only the
+    # result, so they may differ by a few roundings of the terms (g, l1 * sign(w), 2 * l2 * w),
+    # not of their sum.
     if dtype in (torch.float32, torch.float64):
         assert mismatch(grads, autograd, exact=True) is None
     else:
@@ -190,19 +227,24 @@ def test_grad_inplace_matches_autograd_on_naive_formula(dtype, l1, l2):
             assert bool(((a.double() - b.double()).abs() <= 2 * eps * scale + 1e-7).all())
 
 
-def test_grad_inplace_sign_of_zero_is_zero():
-    params = [torch.tensor([0.0, -0.0, 2.0, -3.0])]
-    grads = [torch.zeros(4)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_inplace_sign_of_zero_is_zero(device):
+    use_kernels(device)
+    params = [torch.tensor([0.0, -0.0, 2.0, -3.0], device=device)]
+    grads = [torch.zeros(4, device=device)]
     OPS.weight_penalty_grad_(grads, params, 1.0, 0.0)
     assert grads[0].tolist() == [0.0, 0.0, 1.0, -1.0]
 
 
-def test_grad_inplace_with_layouts_differing_from_the_parameter():
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_inplace_with_layouts_differing_from_the_parameter(device):
+    use_kernels(device)
     # parameter channels_last, gradient contiguous; a non-dense parameter view; a permuted pair
-    conv = make([(8, 5, 3, 3)])[0].to(memory_format=torch.channels_last)
-    base = make([(40, 60)], seed=2)[0]
+    conv = make([(8, 5, 3, 3)], device=device)[0].to(memory_format=torch.channels_last)
+    base = make([(40, 60)], device=device, seed=2)[0]
     params = [conv, base[:, ::2], base.t()]
-    grads = [torch.randn(8, 5, 3, 3), torch.randn(40, 30), torch.randn(60, 40).t().contiguous().t()]
+    grads = make([(8, 5, 3, 3), (40, 30), (60, 40)], device=device, seed=3)
+    grads[2] = grads[2].t().contiguous().t()
     expected = [g.clone() for g in grads]
     ref.weight_penalty_grad_(expected, params, 0.1, 0.2)
     OPS.weight_penalty_grad_(grads, params, 0.1, 0.2)
@@ -230,27 +272,34 @@ def test_grad_inplace_is_bitwise_stable_across_thread_counts():
 # --- differentiable form -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("l1,l2", COEFFICIENTS)
-def test_functional_value_and_grad_match_naive_autograd(dtype, l1, l2):
+def test_functional_value_and_grad_match_naive_autograd(device, dtype, l1, l2):
+    use_kernels(device)
     shapes = EDGE_SHAPES + many_shapes(30)
-    ours = [p.requires_grad_() for p in make(shapes, dtype)]
+    ours = [p.requires_grad_() for p in make(shapes, dtype, device)]
     naive = [p.detach().clone().requires_grad_() for p in ours]
     value = penalty.weight_penalty(ours, l1=l1, l2=l2)
     (value * 1.5).backward()
     (ref.naive_penalty(naive, l1, l2) * 1.5).backward()
+    assert value.device.type == device
     assert_value_close(value.detach(), ours, l1, l2)
-    for a, b in zip(ours, naive):
+    for a, b in zip(ours, naive):  # fp32/fp64 bit for bit on every device (see the in-place test)
+        assert a.grad.device == a.device
         assert mismatch(a.grad, b.grad, exact=dtype in (torch.float32, torch.float64)) is None
 
 
-def test_functional_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_gradcheck_and_gradgradcheck(device):
+    use_kernels(device)
+    g = torch.Generator().manual_seed(4)
     params = [
-        (torch.rand(s, dtype=torch.float64) + 0.1)
+        (torch.rand(s, dtype=torch.float64, generator=g) + 0.1)
         * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(math.prod(s) // 2 + 1)[: math.prod(s)].reshape(s)
         for s in [(3, 4), (5,), (2, 3, 2)]
     ]
-    params = [p.requires_grad_() for p in params]
+    params = [p.to(device).requires_grad_() for p in params]
 
     def fn(*ps):
         return penalty.weight_penalty(ps, l1=0.3, l2=0.7)
@@ -259,13 +308,16 @@ def test_functional_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradgradcheck(fn, params)
 
 
-def test_functional_groups_mixed_dtypes_into_one_value():
-    params = [p.requires_grad_() for p in make([(30, 3), (100,)], torch.float32)]
-    params.append(make([(40,)], torch.bfloat16, seed=5)[0].requires_grad_())
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_groups_mixed_dtypes_into_one_value(device):
+    use_kernels(device)
+    params = [p.requires_grad_() for p in make([(30, 3), (100,)], torch.float32, device)]
+    params.append(make([(40,)], torch.bfloat16, device, seed=5)[0].requires_grad_())
     value = penalty.weight_penalty(params, l1=0.1, l2=0.2)
     value.backward()
+    assert value.device.type == device
     assert_value_close(value.detach(), params, 0.1, 0.2)
-    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in params)
+    assert all(p.grad is not None and p.grad.dtype == p.dtype and p.grad.device == p.device for p in params)
 
 
 # --- WeightPenalty and helpers ----------------------------------------------------------------
@@ -291,14 +343,16 @@ def test_select_decay_parameters_takes_linear_and_conv_weights_only():
     assert {id(p) for p in widened} == {id(net.embed.weight), id(net.head.weight)}
 
 
-def test_weight_penalty_add_grad_matches_naive_and_allocates_grads():
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_penalty_add_grad_matches_naive_and_allocates_grads(device):
+    use_kernels(device)
     torch.manual_seed(0)
-    net = SmallNet()
+    net = SmallNet().to(device)
     decay = penalty.select_decay_parameters(net)
     wp = penalty.WeightPenalty(decay, l1=1e-3, l2=1e-2)
-    clone = SmallNet()
+    clone = SmallNet().to(device)
     clone.load_state_dict(net.state_dict())
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 3, 6, 6).to(device)
 
     def loss_of(model):
         h = model.bn(model.conv(x)).mean(dim=(2, 3))
@@ -306,14 +360,19 @@ def test_weight_penalty_add_grad_matches_naive_and_allocates_grads():
 
     loss_of(net).backward()
     net.conv.weight.grad = None  # a parameter without a gradient gets one allocated
+    bias_grad = net.head.bias.grad.clone()
     value = wp.add_grad_()
+    assert value.device.type == device and net.conv.weight.grad.device == net.conv.weight.device
     clone_decay = penalty.select_decay_parameters(clone)
     (loss_of(clone) + ref.naive_penalty(clone_decay, 1e-3, 1e-2)).backward()
     assert_value_close(value, decay, 1e-3, 1e-2)
     assert mismatch(net.head.weight.grad, clone.head.weight.grad) is None
     expected_conv = 1e-3 * torch.sign(net.conv.weight) + 2e-2 * net.conv.weight
     assert mismatch(net.conv.weight.grad, expected_conv.detach()) is None
-    assert mismatch(net.head.bias.grad, clone.head.bias.grad, exact=True) is None  # not penalised
+    assert mismatch(net.head.bias.grad, bias_grad, exact=True) is None  # not penalised: untouched
+    # The two networks' own gradients agree bit for bit on the CPU; on CUDA, cuDNN may pick
+    # different (or non-deterministic) algorithms for them, which has nothing to do with the penalty.
+    assert mismatch(net.head.bias.grad, clone.head.bias.grad, exact=device == "cpu") is None
 
 
 def test_weight_penalty_groups_have_their_own_coefficients():
@@ -345,6 +404,42 @@ def test_weight_penalty_skips_zero_groups_and_takes_modules():
     assert sum(len(g["params"]) for g in whole.param_groups) == sum(1 for p in net.parameters() if p.requires_grad)
 
 
+def test_parameters_are_grouped_by_device_in_order_of_first_appearance():
+    # weight_penalty and WeightPenalty make one op call per device; "meta" stands in for a second
+    # device where there is no GPU (the CUDA test below runs the whole path).
+    a, b, c = torch.zeros(2), torch.zeros(3), torch.zeros(4)
+    m1, m2 = torch.empty(5, device="meta"), torch.empty(6, device="meta")
+    groups = penalty._by_device([a, m1, b, m2, c])
+    assert [[id(t) for t in group] for group in groups] == [[id(a), id(b), id(c)], [id(m1), id(m2)]]
+
+
+@CUDA_ONLY
+def test_weight_penalty_and_add_grad_take_parameters_on_several_devices():
+    use_kernels("cpu")
+    use_kernels("cuda")
+    on_cpu = make([(30, 4), (17,)])
+    on_cuda = make([(50,), (6, 7)], device="cuda", seed=1)
+    params = [p.requires_grad_() for p in (on_cpu[0], on_cuda[0], on_cpu[1], on_cuda[1])]
+    naive = [p.detach().cpu().requires_grad_() for p in params]
+    ref.naive_penalty(naive, 0.1, 0.2).backward()
+    expected = naive_fp64(naive, 0.1, 0.2)
+
+    value = penalty.weight_penalty(params, l1=0.1, l2=0.2)  # on the first parameter's device
+    assert value.device == params[0].device and math.isclose(float(value), expected, rel_tol=1e-6)
+    value.backward()
+    for p, n in zip(params, naive):
+        assert p.grad.device == p.device and mismatch(p.grad, n.grad, exact=True) is None
+
+    for p in params:
+        p.grad = None
+    wp = penalty.WeightPenalty([params[1], params[0], params[2], params[3]], l1=0.1, l2=0.2)
+    value = wp.add_grad_()
+    assert value.device == params[1].device and math.isclose(float(value), expected, rel_tol=1e-6)
+    for p, n in zip(params, naive):
+        assert p.grad.device == p.device and mismatch(p.grad, n.grad, exact=True) is None
+    assert math.isclose(float(wp.value()), expected, rel_tol=1e-6)
+
+
 def test_weight_penalty_rejects_bad_input():
     p = torch.randn(3, requires_grad=True)
     with pytest.raises(ValueError, match="more than once"):
@@ -364,56 +459,108 @@ def test_weight_penalty_rejects_bad_input():
 # --- errors from the ops (compiled and reference alike) ---------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["op", "reference"])
-def test_op_errors_name_the_problem(impl):
+def test_op_errors_name_the_problem(impl, device):
+    if impl == "op":
+        use_kernels(device)
     value = OPS.weight_penalty_value if impl == "op" else ref.weight_penalty_value
     grad_ = OPS.weight_penalty_grad_ if impl == "op" else ref.weight_penalty_grad_
-    w = [torch.randn(4, 6), torch.randn(5)]
-    g = [torch.randn(4, 6), torch.randn(5)]
+    w = make([(4, 6), (5,)], device=device)
+    g = make([(4, 6), (5,)], device=device, seed=1)
     with pytest.raises(ValueError, match="l1 must be a finite number >= 0, got -1"):
         value(w, -1.0, 0.0)
     with pytest.raises(ValueError, match="l2 must be a finite number >= 0"):
         grad_(g, w, 0.0, float("inf"))
     with pytest.raises(TypeError, match=r"params\[1\] has dtype .*[Ii]nt"):
-        value([w[0], torch.ones(3, dtype=torch.int32)], 0.1, 0.1)
+        value([w[0], torch.ones(3, dtype=torch.int32, device=device)], 0.1, 0.1)
+    # sparse tensors (SparseCPU / SparseCUDA keys) reach the reference, which names them
     with pytest.raises(RuntimeError, match=r"params\[0\] has layout .*[Ss]parse"):
         value([w[0].to_sparse()], 0.1, 0.1)
     with pytest.raises(RuntimeError, match=r"grads\[1\] is a sparse gradient"):
         grad_([g[0], g[1].to_sparse()], w, 0.1, 0.1)
     with pytest.raises(RuntimeError, match=r"grads\[0\] is a view with gaps"):
-        grad_([torch.randn(4, 12)[:, ::2], g[1]], w, 0.1, 0.1)
+        grad_([torch.zeros(4, 12, device=device)[:, ::2], g[1]], w, 0.1, 0.1)
     with pytest.raises(RuntimeError, match=r"grads\[0\] is a view with gaps"):
-        grad_([torch.randn(1, 6).expand(4, 6), g[1]], w, 0.1, 0.1)
+        grad_([torch.zeros(1, 6, device=device).expand(4, 6), g[1]], w, 0.1, 0.1)
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
-        grad_([g[0], torch.randn(6)], w, 0.1, 0.1)
+        grad_([g[0], torch.zeros(6, device=device)], w, 0.1, 0.1)
     with pytest.raises(TypeError, match=r"grads\[1\] has dtype"):
         grad_([g[0], g[1].double()], w, 0.1, 0.1)
     with pytest.raises(RuntimeError, match="got 1 gradients for 2 parameters"):
         grad_(g[:1], w, 0.1, 0.1)
     with pytest.raises(RuntimeError, match="share memory"):
-        shared = torch.randn(5)
-        grad_([shared, shared], [torch.randn(5), torch.randn(5)], 0.1, 0.1)
+        shared = torch.zeros(5, device=device)
+        grad_([shared, shared], [torch.ones(5, device=device), torch.ones(5, device=device)], 0.1, 0.1)
     with pytest.raises(RuntimeError, match=r"grads\[0\] is the memory of params\[0\]"):
         grad_([w[0]], [w[0]], 0.1, 0.1)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_mixed_devices_name_the_problem(impl):
+    # A list holding any CUDA tensor dispatches to the CUDA kernel, even when its first tensor is
+    # on the CPU: the kernel must check every tensor before it takes a device guard.
+    if impl == "op":
+        use_kernels("cuda")
+    value = OPS.weight_penalty_value if impl == "op" else ref.weight_penalty_value
+    grad_ = OPS.weight_penalty_grad_ if impl == "op" else ref.weight_penalty_grad_
+    cpu = make([(4, 6), (5,)])
+    cuda = [t.cuda() for t in cpu]
+    cpu_grads = make([(4, 6), (5,)], seed=1)
+    cuda_grads = [g.cuda() for g in cpu_grads]
+    one_device = "; pass the tensors of one device per call"
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:\d+ but params\[0\] is on cpu" + one_device):
+        value([cpu[0], cuda[1]], 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cpu but params\[0\] is on cuda:\d+" + one_device):
+        value([cuda[0], cpu[1]], 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cpu but params\[0\] is on cuda:\d+"):
+        grad_(cuda_grads, [cuda[0], cpu[1]], 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:\d+ but params\[0\] is on cpu"):
+        grad_(cpu_grads, [cpu[0], cuda[1]], 0.1, 0.2)
+    grads = [cuda_grads[0], cpu_grads[1].clone()]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is on cpu but params\[1\] is on cuda:\d+"):
+        grad_(grads, cuda, 0.1, 0.2)
+    grads = [cpu_grads[0].cuda(), cpu_grads[1].cuda()]
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is on cuda:\d+ but params\[0\] is on cpu"):
+        grad_(grads, cpu, 0.1, 0.2)  # only the gradients on CUDA: the CUDA kernel still runs
+    # nothing was written before the errors
+    assert mismatch(cuda_grads, make([(4, 6), (5,)], device="cuda", seed=1), exact=True) is None
+    assert mismatch(grads, cpu_grads, exact=True) is None
+    if impl == "op" and not REFERENCE_BACKEND:
+        # The compiled kernels check grad_output's device. The reference does not: it turns
+        # grad_output into 0-dim tensors, and a 0-dim CPU tensor may take part in CUDA arithmetic.
+        backward = OPS.weight_penalty_backward
+        with pytest.raises(RuntimeError, match=r"grad_output is on cpu but the parameters are on cuda:\d+"):
+            backward(torch.tensor(1.0), cuda, 0.1, 0.2)
+        with pytest.raises(RuntimeError, match=r"grad_output is on cuda:\d+ but the parameters are on cpu"):
+            backward(torch.tensor(1.0, device="cuda"), cpu, 0.1, 0.2)
+        with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:\d+ but params\[0\] is on cpu"):
+            backward(torch.tensor(1.0), [cpu[0], cuda[1]], 0.1, 0.2)
 
 
 # --- torch.library contracts and torch.compile ----------------------------------------------
 
 
-def test_opcheck():
-    params = make([(3, 5), (0,), (17,), (2, 2, 3)])
-    grads = make([(3, 5), (0,), (17,), (2, 2, 3)], seed=1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    use_kernels(device)
+    params = make([(3, 5), (0,), (17,), (2, 2, 3)], device=device)
+    grads = make([(3, 5), (0,), (17,), (2, 2, 3)], device=device, seed=1)
     opcheck(OPS.weight_penalty_value, ([p.clone().requires_grad_() for p in params], 0.2, 0.3))
     opcheck(OPS.weight_penalty_value, ([params[0].half(), params[2].double()], 0.2, 0.0))
     opcheck(OPS.weight_penalty_grad_, ([g.clone() for g in grads], params, 0.2, 0.3))
-    opcheck(OPS.weight_penalty_backward, (torch.tensor(1.5), [p.clone().requires_grad_() for p in params], 0.2, 0.3))
+    go = torch.tensor(1.5, device=device)
+    opcheck(OPS.weight_penalty_backward, (go, [p.clone().requires_grad_() for p in params], 0.2, 0.3))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    use_kernels(device)
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 2))
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 2)).to(device)
     decay = penalty.select_decay_parameters(model)
-    x = torch.randn(5, 6)
+    x = torch.randn(5, 6).to(device)
 
     def step(x):
         return model(x).square().mean() + penalty.weight_penalty(decay, l1=0.01, l2=0.1)
@@ -430,8 +577,8 @@ def test_torch_compile_fullgraph():
     assert mismatch(compiled_loss.detach(), eager_loss.detach()) is None
     assert mismatch(compiled_grads, [p.grad for p in model.parameters()]) is None
 
-    params = make([(4, 4), (9,)])
-    g_compiled, g_eager = make([(4, 4), (9,)], seed=1), make([(4, 4), (9,)], seed=1)
+    params = make([(4, 4), (9,)], device=device)
+    g_compiled, g_eager = make([(4, 4), (9,)], device=device, seed=1), make([(4, 4), (9,)], device=device, seed=1)
     v = torch.compile(inplace, fullgraph=True)(g_compiled, params)
     assert torch.equal(v, inplace(g_eager, params)) and mismatch(g_compiled, g_eager, exact=True) is None
 
@@ -451,8 +598,10 @@ def test_model_shaped_lists_have_the_real_sizes():
     assert len(params) == 161 and all(p.dtype == torch.bfloat16 and p.grad is not None for p in params)
 
 
-def test_baselines_agree_with_the_op():
-    params = penalty.make_params(many_shapes(50), grads=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_baselines_agree_with_the_op(device):
+    use_kernels(device)
+    params = penalty.make_params(many_shapes(50), device, grads=True)
     initial = [p.grad.clone() for p in params]
     ours = [g.clone() for g in initial]
     value = OPS.weight_penalty_grad_(ours, [p.detach() for p in params], 0.01, 0.02)
@@ -470,8 +619,10 @@ def test_baselines_agree_with_the_op():
 # --- CUDA only: cross-device agreement and graph capture --------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@CUDA_ONLY
 def test_cuda_matches_cpu_and_captures_in_a_graph():
+    use_kernels("cpu")
+    use_kernels("cuda")
     params = make(EDGE_SHAPES + many_shapes(), torch.float32)
     grads = make(EDGE_SHAPES + many_shapes(), torch.float32, seed=1)
     cpu_grads = [g.clone() for g in grads]

@@ -34,6 +34,11 @@ inline void check_penalty_param(const at::Tensor& p, size_t i, const at::Tensor&
               " but params[0] is on ", first.device(), "; pass the tensors of one device per call");
 }
 
+// Every parameter check, in the order of the reference's check_params.
+inline void check_penalty_params(at::TensorList params) {
+  for (size_t i = 0; i < params.size(); ++i) check_penalty_param(params[i], i, params[0]);
+}
+
 // float64 when any parameter is float64, else float32: the value's dtype and accumulation.
 inline at::ScalarType penalty_value_dtype(at::TensorList params) {
   for (const at::Tensor& p : params) {
@@ -59,12 +64,12 @@ struct PenaltyBatch {
   }
 };
 
+// The batch builders below take lists that already passed check_penalty_params (and
+// check_penalty_grads): the ops run every check before any allocation or device guard, so a
+// mixed-device list fails with the message naming the tensor, as in the reference.
 inline PenaltyBatch penalty_value_batch(at::TensorList params) {
   PenaltyBatch batch;
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_penalty_param(params[i], i, params[0]);
-    batch.add(memory_dense(params[i]), nullptr);
-  }
+  for (const at::Tensor& p : params) batch.add(memory_dense(p), nullptr);
   return batch;
 }
 
@@ -73,7 +78,6 @@ inline PenaltyBatch penalty_backward_batch(at::TensorList params, std::vector<at
   PenaltyBatch batch;
   outputs.clear();
   for (size_t i = 0; i < params.size(); ++i) {
-    check_penalty_param(params[i], i, params[0]);
     const at::Tensor dense = memory_dense(params[i]);
     outputs.push_back(at::empty_like(dense));
     batch.add(dense, outputs.back().data_ptr());
@@ -97,22 +101,29 @@ inline void check_penalty_grad(const at::Tensor& g, const at::Tensor& p, size_t 
               "] is the memory of params[", i, "]");
 }
 
-// Accumulate: the kernels walk a parameter and its gradient in the same memory order, so a
-// parameter laid out differently from its gradient is read through a copy in the gradient's layout.
-inline PenaltyBatch penalty_accumulate_batch(at::TensorList grads, at::TensorList params) {
+// Every gradient check, in the order of the reference's check_grads (parameters checked first).
+inline void check_penalty_grads(at::TensorList grads, at::TensorList params) {
   TORCH_CHECK(grads.size() == params.size(), "fastreg.weight_penalty: got ", grads.size(), " gradients for ", params.size(),
               " parameters");
-  PenaltyBatch batch;
   std::unordered_map<const void*, size_t> seen;  // a gradient listed twice would be updated twice
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    check_penalty_param(p, i, params[0]);
-    check_penalty_grad(g, p, i);
+    check_penalty_grad(g, params[i], i);
     if (g.numel() == 0) continue;
     const auto [where, fresh] = seen.emplace(g.data_ptr(), i);
     TORCH_CHECK(fresh, "fastreg.weight_penalty: grads[", i, "] and grads[", where->second,
                 "] share memory; list each parameter once");
+  }
+}
+
+// Accumulate: the kernels walk a parameter and its gradient in the same memory order, so a
+// parameter laid out differently from its gradient is read through a copy in the gradient's layout.
+inline PenaltyBatch penalty_accumulate_batch(at::TensorList grads, at::TensorList params) {
+  PenaltyBatch batch;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    if (g.numel() == 0) continue;
     at::Tensor w = p;
     if (!p.is_non_overlapping_and_dense() || p.strides() != g.strides()) {
       w = at::empty_strided(g.sizes(), g.strides(), g.options()).copy_(p);
@@ -126,15 +137,18 @@ inline PenaltyScalars penalty_scalars(double l1, double l2) {
   return PenaltyScalars{l1, l2, nullptr, DType::Float32};
 }
 
-// grad_output in the value's dtype and on the parameters' device; it stays a tensor, so no
-// host synchronisation is needed on CUDA.
-inline at::Tensor penalty_grad_output(const at::Tensor& grad_output, const at::TensorOptions& value_options) {
+// grad_output must be one element on the parameters' device (checked before any device guard).
+inline void check_penalty_grad_output(const at::Tensor& grad_output, const at::TensorOptions& value_options) {
   TORCH_CHECK(grad_output.numel() == 1, "fastreg.weight_penalty_backward: grad_output must have one element, got ",
               grad_output.numel());
   TORCH_CHECK(grad_output.device() == value_options.device(), "fastreg.weight_penalty_backward: grad_output is on ",
               grad_output.device(), " but the parameters are on ", value_options.device());
-  return grad_output.to(value_options.dtype().toScalarType()).contiguous();
 }
 
+// grad_output (checked) in the value's dtype; it stays a tensor on the parameters' device, so
+// no host synchronisation is needed on CUDA.
+inline at::Tensor penalty_grad_output(const at::Tensor& grad_output, const at::TensorOptions& value_options) {
+  return grad_output.to(value_options.dtype().toScalarType()).contiguous();
+}
 
 }  // namespace fastreg

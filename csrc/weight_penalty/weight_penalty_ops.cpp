@@ -47,12 +47,15 @@ at::Tensor value_tensor(at::TensorList params, double l1, double l2, std::pair<d
 
 at::Tensor weight_penalty_value_cpu(at::TensorList params, double l1, double l2) {
   check_penalty_coefficients(l1, l2);
+  check_penalty_params(params);
   const PenaltyBatch batch = penalty_value_batch(params);
   return value_tensor(params, l1, l2, run_cpu(batch, PenaltyMode::Value, penalty_scalars(l1, l2)));
 }
 
 at::Tensor weight_penalty_grad_cpu(at::TensorList grads, at::TensorList params, double l1, double l2) {
   check_penalty_coefficients(l1, l2);
+  check_penalty_params(params);
+  check_penalty_grads(grads, params);
   const PenaltyBatch batch = penalty_accumulate_batch(grads, params);
   return value_tensor(params, l1, l2, run_cpu(batch, PenaltyMode::Accumulate, penalty_scalars(l1, l2)));
 }
@@ -60,9 +63,12 @@ at::Tensor weight_penalty_grad_cpu(at::TensorList grads, at::TensorList params, 
 std::vector<at::Tensor> weight_penalty_backward_cpu(const at::Tensor& grad_output, at::TensorList params, double l1,
                                                     double l2) {
   check_penalty_coefficients(l1, l2);
+  check_penalty_params(params);
+  const at::TensorOptions value_options = penalty_value_options(params);
+  check_penalty_grad_output(grad_output, value_options);
   std::vector<at::Tensor> outputs;
   const PenaltyBatch batch = penalty_backward_batch(params, outputs);
-  const at::Tensor go = penalty_grad_output(grad_output, penalty_value_options(params));
+  const at::Tensor go = penalty_grad_output(grad_output, value_options);
   PenaltyScalars scalars = penalty_scalars(l1, l2);
   scalars.grad_output = go.data_ptr();
   scalars.grad_output_dtype = kernel_dtype(go, "fastreg.weight_penalty_backward");

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+
 #include "weight_penalty_glue.h"
 
 namespace fastreg {
@@ -22,10 +24,24 @@ void run_cuda(const PenaltyBatch& batch, PenaltyMode mode, const PenaltyScalars&
   TORCH_CHECK(error == nullptr, "fastreg.weight_penalty: CUDA launch failed: ", error);
 }
 
+// The device the kernels run on: that of the first CUDA tensor. Called after the checks, which
+// put every tensor on one device; taking the guard before them would fail on a list whose first
+// tensor is on the CPU (the dispatcher picks this kernel when any tensor is on CUDA) with an
+// internal error instead of the message naming the tensor.
+at::Device penalty_cuda_device(std::initializer_list<at::TensorList> lists) {
+  for (const at::TensorList list : lists) {
+    for (const at::Tensor& t : list) {
+      if (t.is_cuda()) return t.device();
+    }
+  }
+  TORCH_CHECK(false, "fastreg.weight_penalty: no CUDA tensor in the arguments of a CUDA kernel");
+}
+
 at::Tensor weight_penalty_value_cuda(at::TensorList params, double l1, double l2) {
   check_penalty_coefficients(l1, l2);
   TORCH_CHECK(!params.empty(), "fastreg.weight_penalty: no parameters");
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  check_penalty_params(params);
+  const c10::cuda::CUDAGuard guard(penalty_cuda_device({params}));
   const PenaltyBatch batch = penalty_value_batch(params);
   at::Tensor value = at::empty({}, penalty_value_options(params));
   run_cuda(batch, PenaltyMode::Value, penalty_scalars(l1, l2), params[0], &value);
@@ -35,7 +51,9 @@ at::Tensor weight_penalty_value_cuda(at::TensorList params, double l1, double l2
 at::Tensor weight_penalty_grad_cuda(at::TensorList grads, at::TensorList params, double l1, double l2) {
   check_penalty_coefficients(l1, l2);
   TORCH_CHECK(!params.empty(), "fastreg.weight_penalty: no parameters");
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  check_penalty_params(params);
+  check_penalty_grads(grads, params);
+  const c10::cuda::CUDAGuard guard(penalty_cuda_device({params, grads}));
   const PenaltyBatch batch = penalty_accumulate_batch(grads, params);
   at::Tensor value = at::empty({}, penalty_value_options(params));
   run_cuda(batch, PenaltyMode::Accumulate, penalty_scalars(l1, l2), params[0], &value);
@@ -46,10 +64,13 @@ std::vector<at::Tensor> weight_penalty_backward_cuda(const at::Tensor& grad_outp
                                                      double l2) {
   check_penalty_coefficients(l1, l2);
   TORCH_CHECK(!params.empty(), "fastreg.weight_penalty_backward: no parameters");
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  check_penalty_params(params);
+  const at::TensorOptions value_options = penalty_value_options(params);
+  check_penalty_grad_output(grad_output, value_options);
+  const c10::cuda::CUDAGuard guard(penalty_cuda_device({params}));
   std::vector<at::Tensor> outputs;
   const PenaltyBatch batch = penalty_backward_batch(params, outputs);
-  const at::Tensor go = penalty_grad_output(grad_output, penalty_value_options(params));
+  const at::Tensor go = penalty_grad_output(grad_output, value_options);
   PenaltyScalars scalars = penalty_scalars(l1, l2);
   scalars.grad_output = go.data_ptr();  // read by the kernel: no host synchronisation
   scalars.grad_output_dtype = kernel_dtype(go, "fastreg.weight_penalty_backward");
