@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .ops import dropout as _dropout_ops  # noqa: F401  (defines the ops)
+from .ops import dropout as _dropout_ops
 from .penalty import weight_penalty  # noqa: F401  (fastreg.functional.weight_penalty)
 from .reference.dropout import check_input, check_p
 
@@ -68,10 +68,11 @@ def dropout(
     if not training:
         return input
     check_input(input)
-    output = torch.ops.fastreg.dropout(input, p, mode, generator)[0]
     if inplace:
-        return input.copy_(output)
-    return output
+        if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
+            return input.copy_(torch.ops.fastreg.dropout(input, p, mode, generator)[0])
+        return _dropout_ops.InplaceDropout.apply(input, p, mode, generator)
+    return torch.ops.fastreg.dropout(input, p, mode, generator)[0]
 
 
 def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool) -> torch.Tensor:

@@ -22,6 +22,13 @@ def memory_dense(t: torch.Tensor) -> torch.Tensor:
     return t if is_non_overlapping_and_dense(t) else t.contiguous(memory_format=suggest_memory_format(t))
 
 
+def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides of ``memory_dense(t)``, without copying anything."""
+    if is_non_overlapping_and_dense(t):
+        return tuple(t.stride())
+    return torch.empty(t.shape, device="meta", memory_format=suggest_memory_format(t)).stride()
+
+
 def flat_memory_view(t: torch.Tensor) -> torch.Tensor:
     """A 1-D view of a dense tensor's elements in the order they lie in memory."""
     if not is_non_overlapping_and_dense(t):

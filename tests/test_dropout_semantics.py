@@ -38,9 +38,10 @@ def test_eval_mode_returns_the_input_unchanged():
     assert F.dropout(x, 0.5, training=False) is x
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_kept_values_are_scaled_and_dropped_are_zero(dtype):
-    x = torch.rand(10000).to(dtype) + 1
+def test_kept_values_are_scaled_and_dropped_are_zero(device, dtype):
+    x = torch.rand(10000, device=device).to(dtype) + 1
     y = F.dropout(x, 0.25)
     scale = ref.keep_scale(ref.keep_threshold(0.25))
     kept = y != 0
@@ -97,6 +98,60 @@ def test_inplace_modifies_the_input(device):
     assert m(z) is z
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "sliced", "scalar"])
+def test_inplace_gives_the_out_of_place_bits_in_the_input_layout(device, dtype, layout):
+    x = layouts(device)[layout].to(dtype)
+    target = (
+        torch.empty_like(x) if layout != "sliced" else torch.zeros(4, 6, 5, 7, device=device, dtype=dtype)[:, ::2, 1:]
+    )
+    target.copy_(x)
+    strides, storage = target.stride(), target.untyped_storage().data_ptr()
+    torch.manual_seed(5)
+    expected = F.dropout(x, 0.3)
+    torch.manual_seed(5)
+    assert F.dropout(target, 0.3, inplace=True) is target
+    assert target.stride() == strides and target.untyped_storage().data_ptr() == storage
+    assert torch.equal(target, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(F.MASK_MODES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_inplace_gradients_follow_the_mask(device, mode, layout):
+    # A non-leaf, as in a network (dropout(inplace=True) after a layer); "sliced" is a view
+    # with gaps of one, which the op fills through a copy.
+    if layout == "sliced":
+        leaf = torch.randn(4, 12, 6, 7, device=device, requires_grad=True)
+        hidden = (leaf * 1.0)[:, ::2, 1:]
+    else:
+        leaf = layouts(device)[layout].detach().clone().requires_grad_()
+        hidden = leaf * 1.0
+    out = F.dropout(hidden, 0.4, inplace=True, mask_mode=mode)
+    assert out is hidden
+    grad = torch.randn_like(out).contiguous()
+    out.backward(grad)
+    kept = out != 0
+    scale = ref.keep_scale(ref.keep_threshold(0.4))
+    expected = torch.where(kept, grad * scale, torch.zeros_like(grad))
+    if layout == "sliced":
+        assert torch.allclose(leaf.grad[:, ::2, 1:], expected)
+        leaf.grad[:, ::2, 1:] = 0
+        assert not leaf.grad.any(), "elements outside the view get no gradient"
+    else:
+        assert torch.allclose(leaf.grad, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_on_overlapping_memory_raises_like_torch(device):
+    x = torch.ones(1, 8, device=device).expand(4, 8)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        x.mul_(2)  # what torch's own in-place ops say
+    with pytest.raises(RuntimeError, match="single memory location"):
+        F.dropout(x, 0.5, inplace=True)
+
+
 def test_inplace_on_leaf_requiring_grad_raises_like_torch():
     x = torch.ones(10, requires_grad=True)
     with pytest.raises(RuntimeError):
@@ -115,12 +170,14 @@ def test_empty_tensors(device, mode):
     assert x.grad.shape == (0, 3)
 
 
-def test_autocast_keeps_dtype_like_torch():
-    x = torch.randn(64, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_keeps_dtype_like_torch(device):
+    x = torch.randn(64, 64, device=device)
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=low):
         assert F.dropout(x, 0.5).dtype == torch.nn.functional.dropout(x, 0.5).dtype
-        h = torch.nn.functional.linear(x, torch.randn(64, 64))
-        assert F.dropout(h, 0.5).dtype == torch.nn.functional.dropout(h, 0.5).dtype == torch.bfloat16
+        h = torch.nn.functional.linear(x, torch.randn(64, 64, device=device))
+        assert F.dropout(h, 0.5).dtype == torch.nn.functional.dropout(h, 0.5).dtype == low
 
 
 def test_errors_name_the_problem():
@@ -136,6 +193,18 @@ def test_errors_name_the_problem():
         torch.ops.fastreg.dropout_backward(
             torch.ones(16), torch.ones(1, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 0.5, 1
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mismatched_devices_are_named():
+    grad = torch.ones(16, device="cuda")
+    state = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="mask.*on cpu"):
+        torch.ops.fastreg.dropout_backward(grad, torch.ones(2, dtype=torch.uint8), state, 0.5, 1)
+    # a CPU rng_state is read on the host: allowed, and gives the same mask as on the GPU
+    on_host = torch.ops.fastreg.dropout_backward(grad, torch.empty(0, dtype=torch.uint8), state, 0.5, 0)
+    on_device = torch.ops.fastreg.dropout_backward(grad, torch.empty(0, dtype=torch.uint8), state.cuda(), 0.5, 0)
+    assert torch.equal(on_host, on_device)
 
 
 def test_module_is_a_drop_in_for_torch_nn_dropout():
@@ -158,9 +227,10 @@ def test_module_is_a_drop_in_for_torch_nn_dropout():
         (fastreg.Dropout3d, (8, 3, 5, 5), 1),
     ],
 )
-def test_feature_dropout_zeroes_whole_channels(module, shape, channel_dims):
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_dropout_zeroes_whole_channels(device, module, shape, channel_dims):
     torch.manual_seed(0)
-    x = torch.rand(shape) + 1
+    x = torch.rand(shape, device=device) + 1
     y = module(0.5)(x)
     per_channel = y.reshape(*shape[:channel_dims], -1)
     zero = (per_channel == 0).all(-1)

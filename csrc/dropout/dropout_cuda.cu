@@ -32,6 +32,9 @@ __device__ __forceinline__ DropoutRngState resolve(const DropoutRngSource& src) 
   return s;
 }
 
+// In place (output == input) is safe despite __restrict__: every element is read once, by the
+// thread that then writes it, and nothing is read after it was written (a stale cached copy of
+// a line can only hold values no thread has written yet).
 // Backward=false: input -> output, mask written per args.mask_mode.
 // Backward=true: grad_output -> grad_input, keep bits read per args.mask_mode.
 // Aligned: every pointer allows 16-byte group access (checked at launch).

@@ -18,31 +18,61 @@ DropoutRngState host_rng_state(const at::Tensor& rng_state) {
   return DropoutRngState{static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1])};
 }
 
+// Writes dropout of the dense `in` into `out` (which may be `in` itself: each element is
+// read before it is written, by the same thread) and returns the mask.
+at::Tensor run_forward(const at::Tensor& in, at::Tensor& out, double p, DropoutRngState rng, MaskMode mode) {
+  at::Tensor mask = new_dropout_mask(in, mode);
+  const DropoutArgs args = dropout_args(in, out, mask, p, mode, "fastreg.dropout");
+  const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
+  at::parallel_for(0, groups, kGroupsPerTask,
+                   [&](int64_t begin, int64_t end) { dropout_forward_cpu(args, rng, begin, end); });
+  return mask;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_with_state(const at::Tensor& input, double p, DropoutRngState rng, int64_t mask_mode) {
-  const char* op = "fastreg.dropout";
-  check_strided(input, op, "input");
+  check_strided(input, "fastreg.dropout", "input");
   check_dropout_p(p);
   const MaskMode mode = dropout_mask_mode(mask_mode);
   const at::Tensor in = memory_dense(input);
   at::Tensor out = empty_like_pooled(in);
-  at::Tensor mask = new_dropout_mask(in, mode);
-  const DropoutArgs args = dropout_args(in, out, mask, p, mode, op);
-  const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
-  at::parallel_for(0, groups, kGroupsPerTask,
-                   [&](int64_t begin, int64_t end) { dropout_forward_cpu(args, rng, begin, end); });
+  at::Tensor mask = run_forward(in, out, p, rng, mode);
   return {out, mask};
+}
+
+// The same draw as the reference: one randint from the CPU generator is the Philox key.
+at::Tensor draw_rng_state(const std::optional<at::Generator>& generator) {
+  at::Tensor rng_state = at::zeros({2}, at::kLong);
+  rng_state.data_ptr<int64_t>()[0] =
+      at::randint(int64_t{1} << 62, {1}, generator, at::TensorOptions().dtype(at::kLong)).data_ptr<int64_t>()[0];
+  return rng_state;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, int64_t mask_mode,
                                                            std::optional<at::Generator> generator) {
-  // The same draw as the reference: one randint from the CPU generator is the Philox key.
   check_strided(input, "fastreg.dropout", "input");
   kernel_dtype(input, "fastreg.dropout");
-  at::Tensor rng_state = at::zeros({2}, at::kLong);
-  rng_state.data_ptr<int64_t>()[0] =
-      at::randint(int64_t{1} << 62, {1}, generator, at::TensorOptions().dtype(at::kLong)).data_ptr<int64_t>()[0];
+  at::Tensor rng_state = draw_rng_state(generator);
   auto [out, mask] = forward_with_state(input, p, host_rng_state(rng_state), mask_mode);
   return {out, mask, rng_state};
+}
+
+// In place: a dense input is overwritten by the kernel itself (no output allocation, one pass);
+// any other input gets the out-of-place result copied back.
+std::tuple<at::Tensor, at::Tensor> dropout_inplace_cpu(at::Tensor& input, double p, int64_t mask_mode,
+                                                       std::optional<at::Generator> generator) {
+  const char* op = "fastreg.dropout_";
+  check_strided(input, op, "input");
+  kernel_dtype(input, op);
+  check_dropout_p(p);
+  const MaskMode mode = dropout_mask_mode(mask_mode);
+  at::Tensor rng_state = draw_rng_state(generator);
+  const DropoutRngState rng = host_rng_state(rng_state);
+  if (input.is_non_overlapping_and_dense()) {
+    return {run_forward(input, input, p, rng, mode), rng_state};
+  }
+  auto [out, mask] = forward_with_state(input, p, rng, mask_mode);
+  input.copy_(out);
+  return {mask, rng_state};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_seeded_cpu(const at::Tensor& input, double p, const at::Tensor& rng_state,
@@ -74,6 +104,7 @@ at::Tensor dropout_backward_cpu_op(const at::Tensor& grad_output, const at::Tens
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
   m.impl("dropout", &dropout_cpu);
+  m.impl("dropout_", &dropout_inplace_cpu);
   m.impl("dropout_seeded", &dropout_seeded_cpu);
   m.impl("dropout_backward", &dropout_backward_cpu_op);
 }

@@ -33,14 +33,22 @@ DropoutRngSource source_from_state(const at::Tensor& rng_state, const at::Tensor
   return src;
 }
 
+// Writes dropout of the dense `in` into `out` (which may be `in` itself: each element is
+// read before it is written, by the same thread) and returns the mask.
+at::Tensor run_forward(const at::Tensor& in, at::Tensor& out, double p, const DropoutRngSource& src, MaskMode mode,
+                       const char* op) {
+  at::Tensor mask = new_dropout_mask(in, mode);
+  const DropoutArgs args = dropout_args(in, out, mask, p, mode, op);
+  C10_CUDA_CHECK(static_cast<cudaError_t>(dropout_forward_cuda(args, src, at::cuda::getCurrentCUDAStream().stream())));
+  return mask;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, double p, const DropoutRngSource& src,
                                            int64_t mask_mode, const char* op) {
   const MaskMode mode = dropout_mask_mode(mask_mode);
   const at::Tensor in = memory_dense(input);
   at::Tensor out = at::empty_like(in);
-  at::Tensor mask = new_dropout_mask(in, mode);
-  const DropoutArgs args = dropout_args(in, out, mask, p, mode, op);
-  C10_CUDA_CHECK(static_cast<cudaError_t>(dropout_forward_cuda(args, src, at::cuda::getCurrentCUDAStream().stream())));
+  at::Tensor mask = run_forward(in, out, p, src, mode, op);
   return {out, mask};
 }
 
@@ -50,20 +58,19 @@ void check_input(const at::Tensor& input, double p, const char* op) {
   kernel_dtype(input, op);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double p, int64_t mask_mode,
-                                                            std::optional<at::Generator> generator) {
-  const char* op = "fastreg.dropout";
-  check_input(input, p, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+// Seed and offset from the device's generator; under CUDA-graph capture the kernel reads
+// them at replay. The forward kernel writes the resolved pair into `rng_state`.
+DropoutRngSource draw_source(const at::Tensor& input, const std::optional<at::Generator>& generator,
+                             at::Tensor& rng_state) {
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
   at::PhiloxCudaState philox;
   {
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(kOffsetIncrement);
   }
-  at::Tensor rng_state = at::empty({2}, input.options().dtype(at::kLong));
+  rng_state = at::empty({2}, input.options().dtype(at::kLong));
   DropoutRngSource src{};
-  if (philox.captured_) {  // CUDA-graph capture: the kernel reads seed and offset at replay
+  if (philox.captured_) {
     src.seed_ptr = philox.seed_.ptr;
     src.offset_ptr = philox.offset_.ptr;
     src.offset_extra = philox.offset_intragraph_;
@@ -71,8 +78,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& in
     src.value = DropoutRngState{philox.seed_.val, philox.offset_.val};
   }
   src.state_out = rng_state.data_ptr<int64_t>();
+  return src;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double p, int64_t mask_mode,
+                                                            std::optional<at::Generator> generator) {
+  const char* op = "fastreg.dropout";
+  check_input(input, p, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor rng_state;
+  const DropoutRngSource src = draw_source(input, generator, rng_state);
   auto [out, mask] = forward(input, p, src, mask_mode, op);
   return {out, mask, rng_state};
+}
+
+// In place: a dense input is overwritten by the kernel itself (no output allocation, one pass);
+// any other input gets the out-of-place result copied back.
+std::tuple<at::Tensor, at::Tensor> dropout_inplace_cuda(at::Tensor& input, double p, int64_t mask_mode,
+                                                        std::optional<at::Generator> generator) {
+  const char* op = "fastreg.dropout_";
+  check_input(input, p, op);
+  const MaskMode mode = dropout_mask_mode(mask_mode);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor rng_state;
+  const DropoutRngSource src = draw_source(input, generator, rng_state);
+  if (input.is_non_overlapping_and_dense()) {
+    return {run_forward(input, input, p, src, mode, op), rng_state};
+  }
+  auto [out, mask] = forward(input, p, src, mask_mode, op);
+  input.copy_(out);
+  return {mask, rng_state};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_seeded_cuda(const at::Tensor& input, double p, const at::Tensor& rng_state,
@@ -103,6 +138,7 @@ at::Tensor dropout_backward_cuda_op(const at::Tensor& grad_output, const at::Ten
 
 TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
   m.impl("dropout", &dropout_cuda);
+  m.impl("dropout_", &dropout_inplace_cuda);
   m.impl("dropout_seeded", &dropout_seeded_cuda);
   m.impl("dropout_backward", &dropout_backward_cuda_op);
 }

@@ -115,3 +115,32 @@ FASTREG_TEST(dropout_cpu_group_ranges_compose) {
   FASTREG_CHECK(whole == pieces);
   FASTREG_CHECK(mask_whole == mask_pieces);
 }
+
+// In place (output == input) must give the out-of-place bytes: every element is read before
+// it is written, and the bf16 path has its own in-place loop (see apply_bf16_groups_in_place).
+template <typename T>
+void check_in_place_matches(const std::vector<T>& in, DType dtype) {
+  const int64_t n = static_cast<int64_t>(in.size());
+  std::vector<T> out(n);
+  std::vector<T> data = in;
+  std::vector<uint8_t> mask_out(groups_of(n)), mask_in_place(groups_of(n));
+  dropout_forward_cpu(make_args(in, out, mask_out, MaskMode::Bits, 0.3, dtype), kRng, 0, groups_of(n));
+  const DropoutArgs args = make_args(data, data, mask_in_place, MaskMode::Bits, 0.3, dtype);
+  dropout_forward_cpu(args, kRng, 0, groups_of(n));
+  FASTREG_CHECK(std::memcmp(out.data(), data.data(), n * sizeof(T)) == 0);
+  FASTREG_CHECK(mask_out == mask_in_place);
+}
+
+FASTREG_TEST(dropout_cpu_in_place_matches_out_of_place) {
+  const int64_t n = 8 * 300 + 3;  // several blocks of 64 groups and a partial last group
+  check_in_place_matches(ramp<float>(n), DType::Float32);
+  check_in_place_matches(ramp<double>(n), DType::Float64);
+  std::vector<uint16_t> bf16(n);  // bfloat16 bit patterns: the top half of each float
+  const std::vector<float> values = ramp<float>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &values[i], sizeof(bits));
+    bf16[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  check_in_place_matches(bf16, DType::BFloat16);
+}

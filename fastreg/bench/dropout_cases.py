@@ -4,6 +4,8 @@ Implementations: PyTorch eager (F.dropout), torch.compile of it, fastreg in each
 (regenerate is the default: no mask stored), the pure-PyTorch reference run as an autograd
 op, and the copy yardsticks. fwd_bwd uses torch.autograd.grad, which returns the gradient
 rather than accumulating into .grad, so no extra read-modify-write pass is timed.
+fwd_inplace times ``dropout(x, inplace=True)`` (PyTorch eager against fastreg's default mode)
+on a buffer that each call overwrites again; the gate runs on fresh copies of the input.
 """
 
 from __future__ import annotations
@@ -140,15 +142,51 @@ def dropout_impl(inputs: dict, name: str, forward: Forward, seeded: Seeded | Non
     )
 
 
+def inplace_impl(inputs: dict, name: str, forward: Forward, seeded: Seeded | None) -> Impl:
+    """In place: ``forward(buffer)`` must return the buffer, overwritten with its dropout."""
+    x, p = inputs["x"].detach(), inputs["p"]
+    buffer = x.clone()
+
+    def check() -> str | None:
+        target = x.clone()
+        out = forward(target)
+        if out is not target:
+            return f"{name}: inplace=True returned a new tensor, not its input"
+        problem = gate.dropout_semantics(x, out, p)
+        if problem or seeded is None:
+            return problem and f"{name}: {problem}"
+        target = x.clone()
+        rng_state = seeded(target, torch.Generator(device=x.device).manual_seed(GATE_SEED))
+        expected_out, _ = _oracle(inputs, rng_state)
+        return gate.exact(f"{name} in-place output vs reference (same rng_state)", target, expected_out)
+
+    return Impl(name, run=lambda: forward(buffer), check=check, bytes_moved=2 * x.numel() * x.element_size())
+
+
+def _inplace_implementations(p: float) -> dict[str, tuple[Forward, Seeded | None]]:
+    def seeded(buffer, generator):
+        return torch.ops.fastreg.dropout_(buffer, p, ref.REGENERATE, generator)[1]
+
+    return {
+        "torch_eager": (lambda t: torch.nn.functional.dropout(t, p, True, inplace=True), None),
+        "fastreg": (lambda t: fastreg_F.dropout(t, p, True, inplace=True), seeded),
+    }
+
+
 def build(case: Case) -> BuiltCase:
     generator = torch.Generator(device=case.device).manual_seed(0)
     x = torch.randn(case.numel, dtype=case.dtype, device=case.device, generator=generator).requires_grad_()
     grad = torch.randn(case.numel, dtype=case.dtype, device=case.device, generator=generator)
     inputs = {"x": x, "grad": grad, "p": case.param("p"), "backward": case.kind == "fwd_bwd", "oracle": {}}
-    impls = {
-        name: dropout_impl(inputs, name, fwd, seeded, check_timed=name != "reference")
-        for name, (fwd, seeded) in implementations(case).items()
-    }
+    if case.kind == "fwd_inplace":
+        impls = {
+            name: inplace_impl(inputs, name, *fns) for name, fns in _inplace_implementations(case.param("p")).items()
+        }
+    else:
+        impls = {
+            name: dropout_impl(inputs, name, fwd, seeded, check_timed=name != "reference")
+            for name, (fwd, seeded) in implementations(case).items()
+        }
     impls.update(copy_impls(x))
     return BuiltCase(case, inputs, {name: impls[name] for name in case.impl_names})
 
@@ -163,6 +201,22 @@ def cases(bench_set: BenchSet, device: str, with_compile: Callable[[str], bool])
                 names = ["torch_eager"] + (["torch_compile"] if with_compile(case.id) else [])
                 names += ["fastreg", "fastreg_bits", "fastreg_bool", "reference", *COPY_IMPLS]
                 found.append(dataclasses.replace(case, impl_names=tuple(names)))
+    for dtype in bench_set.dropout_dtypes[torch.device(device).type]:
+        n = max(bench_set.dropout_sizes)  # in place matters for memory: the largest size only
+        found.append(
+            Case(
+                "dropout",
+                "fwd_inplace",
+                dtype,
+                size_label(n),
+                n,
+                device,
+                ("torch_eager", "fastreg", *COPY_IMPLS),
+                "torch_eager",
+                build,
+                params,
+            )
+        )
     return found
 
 

@@ -135,7 +135,7 @@ def op_section(op: str, rows: list[dict]) -> list[str]:
                 _case_cells(c)
                 + [fmt_bytes(c[i].get("saved_bytes")) if i in c and c[i]["status"] == "ok" else "" for i in impls]
                 for c in cases.values()
-                if next(iter(c.values()))["kind"] != "fwd_bwd"
+                if next(iter(c.values()))["kind"] == "fwd"
             ],
         )
     return lines + [""]

@@ -1,8 +1,10 @@
-"""fastreg::dropout, fastreg::dropout_seeded, fastreg::dropout_backward.
+"""fastreg::dropout, fastreg::dropout_, fastreg::dropout_seeded, fastreg::dropout_backward.
 
 rng_state is an int64 tensor (seed, offset) on the input's device: the forward op draws it
 from the device's generator (on CUDA inside the kernel, so CUDA-graph capture works) and
 returns it; backward regenerates the mask from it, so the default mode stores no mask.
+``dropout_`` overwrites its input (no output allocation, one pass over memory); its autograd
+is ``InplaceDropout`` below, since torch.library does not attach autograd to mutating ops.
 """
 
 from __future__ import annotations
@@ -10,13 +12,20 @@ from __future__ import annotations
 import torch
 
 from .._library import define
-from ..memory_format import memory_dense
+from ..memory_format import dense_strides, memory_dense
 from ..reference import dropout as ref
 
 define(
     "dropout",
-    "(Tensor input, float p, int mask_mode, Generator? generator=None) -> (Tensor output, Tensor mask, Tensor rng_state)",
+    "(Tensor input, float p, int mask_mode, Generator? generator=None)"
+    " -> (Tensor output, Tensor mask, Tensor rng_state)",
     ref.dropout,
+    random=True,
+)
+define(
+    "dropout_",
+    "(Tensor(a!) input, float p, int mask_mode, Generator? generator=None) -> (Tensor mask, Tensor rng_state)",
+    ref.dropout_,
     random=True,
 )
 define(
@@ -43,6 +52,11 @@ def _fake_mask(dense: torch.Tensor, mask_mode: int) -> torch.Tensor:
 def _dropout_fake(input, p, mask_mode, generator=None):
     dense = memory_dense(input)
     return torch.empty_like(dense), _fake_mask(dense, mask_mode), input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastreg::dropout_")
+def _dropout_inplace_fake(input, p, mask_mode, generator=None):
+    return _fake_mask(memory_dense(input), mask_mode), input.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("fastreg::dropout_seeded")
@@ -108,3 +122,21 @@ torch.library.register_autograd("fastreg::dropout_seeded", _dropout_seeded_grad,
 torch.library.register_autograd(
     "fastreg::dropout_backward", _dropout_backward_grad, setup_context=_dropout_backward_setup
 )
+
+
+class InplaceDropout(torch.autograd.Function):
+    """Autograd of ``fastreg::dropout_``: the input becomes the output (``mark_dirty``) and
+    backward needs only the mask or the rng_state, never the overwritten values."""
+
+    @staticmethod
+    def forward(ctx, input, p, mask_mode, generator):
+        mask, rng_state = torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
+        ctx.mark_dirty(input)
+        ctx.save_for_backward(mask, rng_state)
+        ctx.p, ctx.mask_mode = p, mask_mode
+        ctx.layout = (input.shape, dense_strides(input))  # the layout the kernel's mask follows
+        return input
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _backward(ctx, grad_output), None, None, None

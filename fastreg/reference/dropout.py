@@ -126,6 +126,13 @@ def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generato
     return out, mask, rng_state
 
 
+def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generator | None = None):
+    """In place: x is overwritten with its dropout; returns (mask, rng_state)."""
+    out, mask, rng_state = dropout(x, p, mask_mode, generator)
+    x.copy_(out)
+    return mask, rng_state
+
+
 def _check_saved_mask(mask: torch.Tensor, grad: torch.Tensor, mask_mode: int) -> None:
     if mask_mode == REGENERATE:
         return
