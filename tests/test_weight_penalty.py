@@ -527,16 +527,14 @@ def test_mixed_devices_name_the_problem(impl):
     # nothing was written before the errors
     assert mismatch(cuda_grads, make([(4, 6), (5,)], device="cuda", seed=1), exact=True) is None
     assert mismatch(grads, cpu_grads, exact=True) is None
-    if impl == "op" and not REFERENCE_BACKEND:
-        # The compiled kernels check grad_output's device. The reference does not: it turns
-        # grad_output into 0-dim tensors, and a 0-dim CPU tensor may take part in CUDA arithmetic.
-        backward = OPS.weight_penalty_backward
-        with pytest.raises(RuntimeError, match=r"grad_output is on cpu but the parameters are on cuda:\d+"):
-            backward(torch.tensor(1.0), cuda, 0.1, 0.2)
-        with pytest.raises(RuntimeError, match=r"grad_output is on cuda:\d+ but the parameters are on cpu"):
-            backward(torch.tensor(1.0, device="cuda"), cpu, 0.1, 0.2)
-        with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:\d+ but params\[0\] is on cpu"):
-            backward(torch.tensor(1.0), [cpu[0], cuda[1]], 0.1, 0.2)
+    backward = OPS.weight_penalty_backward if impl == "op" else ref.weight_penalty_backward
+    # both backends check grad_output's device: a 0-dim CPU tensor would otherwise mix in silently
+    with pytest.raises(RuntimeError, match=r"grad_output is on cpu but the parameters are on cuda:\d+"):
+        backward(torch.tensor(1.0), cuda, 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"grad_output is on cuda:\d+ but the parameters are on cpu"):
+        backward(torch.tensor(1.0, device="cuda"), cpu, 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:\d+ but params\[0\] is on cpu"):
+        backward(torch.tensor(1.0), [cpu[0], cuda[1]], 0.1, 0.2)
 
 
 # --- torch.library contracts and torch.compile ----------------------------------------------

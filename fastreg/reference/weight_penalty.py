@@ -29,7 +29,8 @@ def check_params(params) -> None:
     for i, p in enumerate(params):
         if p.layout != torch.strided:
             raise RuntimeError(
-                f"fastreg.weight_penalty: params[{i}] has layout {p.layout}; only strided (dense) parameters are supported"
+                f"fastreg.weight_penalty: params[{i}] has layout {p.layout}; "
+                "only strided (dense) parameters are supported"
             )
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
@@ -61,20 +62,23 @@ def check_grads(grads, params) -> None:
             )
         if g.shape != p.shape:
             raise RuntimeError(
-                f"fastreg.weight_penalty: grads[{i}] has shape {list(g.shape)} but params[{i}] has shape {list(p.shape)}"
+                f"fastreg.weight_penalty: grads[{i}] has shape {list(g.shape)} "
+                f"but params[{i}] has shape {list(p.shape)}"
             )
         if g.numel() == 0:
             continue
         if not is_non_overlapping_and_dense(g):
             raise RuntimeError(
-                f"fastreg.weight_penalty: grads[{i}] is a view with gaps or overlapping elements (strides {list(g.stride())}); "
+                f"fastreg.weight_penalty: grads[{i}] is a view with gaps or overlapping elements "
+                f"(strides {list(g.stride())}); "
                 "the in-place update needs a dense gradient, e.g. torch.zeros_like(param)"
             )
         if g.data_ptr() == p.data_ptr():
             raise RuntimeError(f"fastreg.weight_penalty: grads[{i}] is the memory of params[{i}]")
         if g.data_ptr() in seen:
             raise RuntimeError(
-                f"fastreg.weight_penalty: grads[{i}] and grads[{seen[g.data_ptr()]}] share memory; list each parameter once"
+                f"fastreg.weight_penalty: grads[{i}] and grads[{seen[g.data_ptr()]}] share memory; "
+                "list each parameter once"
             )
         seen[g.data_ptr()] = i
 
@@ -137,6 +141,12 @@ def weight_penalty_backward(
     if grad_output.numel() != 1:
         raise RuntimeError(
             f"fastreg.weight_penalty_backward: grad_output must have one element, got {grad_output.numel()}"
+        )
+    device = params[0].device if params else torch.device("cpu")
+    if grad_output.device != device:
+        raise RuntimeError(
+            f"fastreg.weight_penalty_backward: grad_output is on {grad_output.device} "
+            f"but the parameters are on {device}"
         )
     go = grad_output.detach().reshape(()).to(value_dtype(params))
     outputs = []
