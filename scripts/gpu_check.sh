@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Everything a CUDA machine must prove about fastreg, for contributors with a GPU for a short
+# while (docs/gpu_check.md): build the CUDA kernels, run the tests with the CUDA cases, run
+# them under compute-sanitizer, benchmark, profile. Uses the Python in PATH (or $PYTHON) and
+# the torch already installed there; installs nothing else.
+#
+#   scripts/gpu_check.sh                      build, info, tests, sanitizer
+#   scripts/gpu_check.sh bench profile        further stages, after a build in an earlier call
+#   OUT=/some/dir scripts/gpu_check.sh ...    where logs and results go (default gpu-check/)
+#
+# Stages run in the order given; a failing stage is reported and the next one still runs, so
+# one call gathers everything. The exit status is 1 when any stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python}
+out=${OUT:-gpu-check}
+mkdir -p "$out"
+stages=("$@")
+[[ ${#stages[@]} -gt 0 ]] || stages=(build info tests sanitizer)
+
+build() {
+  # The machine's own arch only: a quarter of the compile time of the default list.
+  local arch
+  arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  FASTREG_BUILD_OPS=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    "$python" -m pip install --no-build-isolation --no-deps -e . 2>&1
+}
+
+info() {
+  "$python" -m fastreg.info
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+}
+
+tests() {
+  # tests/ and bench/ (each benchmark case once, untimed, through its correctness gate)
+  "$python" -m pytest tests bench -q -ra -p no:cacheprovider --junitxml="$out/junit.xml"
+}
+
+sanitizer() {
+  # The CUDA cases only (their ids contain "cuda"); torch.compile ones are left out: they
+  # launch no fastreg kernel that the eager cases do not, and take minutes under the tool.
+  local select="cuda and not compile"
+  compute-sanitizer --tool memcheck --error-exitcode 1 "$python" -m pytest -q -p no:cacheprovider \
+    tests/test_dropout_rng.py tests/test_dropout_ops.py tests/test_dropout_semantics.py tests/test_weight_penalty.py \
+    -k "$select" &&
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$python" -m pytest -q -p no:cacheprovider \
+      tests/test_weight_penalty.py -k "$select"  # the only kernels with shared memory
+}
+
+bench() {
+  "$python" -m fastreg.bench --set full --device cuda --out "$out/bench" --overwrite
+}
+
+profile() {
+  # DRAM throughput of each fastreg kernel at 16M elements, as Nsight Compute sees it.
+  ncu --kernel-name regex:"dropout|penalty" --launch-skip 2 --launch-count 6 \
+    --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes.sum \
+    "$python" - <<'EOF'
+import torch, fastreg, fastreg.functional as F
+x = torch.randn(16 << 20, device="cuda", requires_grad=True)
+for dtype in (torch.float32, torch.bfloat16):
+    xd = x.detach().to(dtype).requires_grad_()
+    for _ in range(2):
+        y = F.dropout(xd, 0.1)
+        torch.autograd.grad(y, xd, torch.ones_like(y))
+params = fastreg.penalty.resnet50_like_params(device="cuda", grads=True)
+for _ in range(3):
+    fastreg.WeightPenalty(params, l1=1e-5, l2=1e-4).add_grad_()
+torch.cuda.synchronize()
+EOF
+}
+
+declare -A seconds status
+failed=0
+for stage in "${stages[@]}"; do
+  if ! declare -F "$stage" >/dev/null; then
+    echo "gpu_check: unknown stage '$stage' (build info tests sanitizer bench profile)" >&2
+    exit 2
+  fi
+  echo "== $stage (log: $out/$stage.log) =="
+  start=$SECONDS
+  "$stage" 2>&1 | tee "$out/$stage.log"
+  code=${PIPESTATUS[0]}
+  seconds[$stage]=$((SECONDS - start))
+  status[$stage]=$([[ $code -eq 0 ]] && echo ok || echo "FAILED (exit $code)")
+  [[ $code -eq 0 ]] || failed=1
+done
+
+echo
+echo "== gpu_check summary =="
+for stage in "${stages[@]}"; do printf '  %-10s %5d s  %s\n' "$stage" "${seconds[$stage]}" "${status[$stage]}"; done
+exit $failed
