@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import _loader, functional, ops, penalty  # noqa: F401  (ops defines torch.ops.fastreg.*)
 from ._backends import backends
+from .convert import convert
 from .modules import Dropout, Dropout1d, Dropout2d, Dropout3d
 from .penalty import WeightPenalty, select_decay_parameters, weight_penalty
 
@@ -20,6 +21,7 @@ __all__ = [
     "Dropout3d",
     "WeightPenalty",
     "backends",
+    "convert",
     "functional",
     "select_decay_parameters",
     "weight_penalty",

@@ -1,0 +1,82 @@
+"""fastreg.convert: torch.nn's dropout layers swapped for fastreg's, nothing else changed."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastreg
+import fastreg.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.3, inplace=True)
+        self.channel_drop = nn.ModuleDict({"a": nn.Dropout1d(0.2), "b": nn.Dropout2d(0.4), "c": nn.Dropout3d(0.1)})
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.linear(x)))
+
+
+class MyDropout(nn.Dropout):  # a user's subclass: its forward may mean something else
+    pass
+
+
+def model():
+    torch.manual_seed(0)
+    shared = nn.Dropout(0.5)
+    return nn.Sequential(
+        nn.Linear(8, 8), shared, Block(), nn.ModuleList([shared, nn.AlphaDropout(0.2), MyDropout(0.1)])
+    )
+
+
+def test_swaps_exact_torch_classes_and_keeps_their_arguments():
+    m = model()
+    m[2].channel_drop["b"].eval()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    assert fastreg.convert(m, mask_mode="bits") is m
+    assert type(m[1]) is fastreg.Dropout and m[1].p == 0.5 and m[1].mask_mode == "bits"
+    assert m[3][0] is m[1], "a layer shared by two parents stays one layer"
+    block = m[2]
+    assert type(block.drop) is fastreg.Dropout and block.drop.inplace and block.drop.p == 0.3
+    assert type(block.channel_drop["a"]) is fastreg.Dropout1d and block.channel_drop["a"].p == 0.2
+    assert type(block.channel_drop["b"]) is fastreg.Dropout2d and not block.channel_drop["b"].training
+    assert type(block.channel_drop["c"]) is fastreg.Dropout3d
+    assert type(m[3][1]) is nn.AlphaDropout and type(m[3][2]) is MyDropout, "other classes are left alone"
+    assert m.state_dict().keys() == state.keys()
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
+    assert fastreg.convert(m) is m and type(m[1]) is fastreg.Dropout  # idempotent
+
+
+def test_converted_model_runs_fastreg_dropout():
+    m = model()[:3]
+    torch.manual_seed(1)
+    x = torch.randn(4, 8)
+    fastreg.convert(m)
+    torch.manual_seed(2)
+    y = m(x)
+    torch.manual_seed(2)
+    h = F.dropout(m[0](x), 0.5)
+    expected = F.dropout(torch.relu(m[2].linear(h)), 0.3, inplace=True)
+    assert torch.equal(y, expected)
+    m.eval()
+    assert torch.equal(m(x), torch.relu(m[2].linear(m[0](x))))
+
+
+def test_root_dropout_is_returned_replaced_and_hooks_move_along():
+    calls = []
+    root = nn.Dropout(0.2)
+    root.register_forward_hook(lambda module, args, output: calls.append("hook"))
+    root.register_forward_hook(lambda module, args, kwargs, output: calls.append("kwargs hook"), with_kwargs=True)
+    new = fastreg.convert(root)
+    assert type(new) is fastreg.Dropout and new.p == 0.2
+    new(torch.ones(3))
+    assert calls == ["hook", "kwargs hook"]
+
+
+def test_bad_mask_mode_is_rejected_before_anything_changes():
+    m = model()
+    with pytest.raises(ValueError, match="mask_mode"):
+        fastreg.convert(m, mask_mode="bytes")
+    assert type(m[1]) is nn.Dropout
