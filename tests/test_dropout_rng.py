@@ -9,6 +9,7 @@ import torch
 import fastreg.functional as F
 from fastreg.reference import dropout as ref
 from fastreg.reference.philox import philox4x32_10
+from fastreg.testing import mismatch
 
 from .helpers import DEVICES, FLOAT_DTYPES, kernel_available, require_kernel
 
@@ -51,6 +52,77 @@ def test_kernel_is_bit_identical_to_reference(device, dtype, n, mode):
         torch.ops.fastreg.dropout_backward(grad, mask, state, 0.3, mode),
         ref.dropout_backward(grad, ref_mask, state, 0.3, mode),
     )
+
+
+def special_values(dtype, n=4099):
+    """NaN, infinities, signed zeros, subnormals, the largest finite values (which overflow
+    once scaled) and values whose scaled product is a rounding tie, among ordinary ones."""
+    info = torch.finfo(dtype)
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, info.tiny / 4, -info.tiny / 2]
+    specials += [info.max, -info.max, info.max / 1.25, 1 + info.eps, 1 + 1.5 * info.eps, -(1 + 2.5 * info.eps)]
+    x = torch.randn(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x[:: len(specials) + 1] = 1.0
+    for k, v in enumerate(specials):
+        x[k + 1 :: len(specials) + 1] = v
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_kernel_rounds_special_values_like_the_reference(device, dtype, p):
+    # Every lane of the vector paths sees each kind of value. A dropped NaN stays NaN and a
+    # dropped inf becomes NaN (x * 0), as in torch.
+    require_kernel(device)
+    x = special_values(dtype).to(device)
+    state = rng_state(99, 5, device)
+    out = torch.ops.fastreg.dropout_seeded(x, p, state, 0)[0]
+    assert mismatch(out, ref.dropout_seeded(x, p, state, 0)[0], exact=True) is None
+    no_mask = torch.empty(0, dtype=torch.uint8, device=device)
+    grad = torch.ops.fastreg.dropout_backward(x, no_mask, state, p, 0)
+    assert mismatch(grad, ref.dropout_backward(x, no_mask, state, p, 0), exact=True) is None
+    in_place = x.clone()
+    drawn = torch.ops.fastreg.dropout_(in_place, p, 0, torch.Generator(device=device).manual_seed(1))[1]
+    assert mismatch(in_place, ref.dropout_seeded(x, p, drawn, 0)[0], exact=True) is None
+
+
+def rounding_boundary_cases(dtype, limit=64):
+    """(threshold, values) pairs where value * keep_scale(threshold), computed in fp32 as the
+    kernels do, lands on or next to a rounding boundary of the 16-bit dtype (a tie, or one unit
+    of fp32 either side). Random inputs almost never get there: a 16-bit dtype has only 2^7
+    (bf16) or 2^10 (fp16) significands, so few distinct products exist per scale."""
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    dropped = 23 - mantissa_bits  # fp32 bits below the 16-bit dtype's last place, for normal results
+    half = 1 << (dropped - 1)
+    values = torch.arange(1 << mantissa_bits, dtype=torch.float32) / (1 << mantissa_bits) + 1  # [1, 2)
+    cases = []
+    for first in range(ref.RESOLUTION // 2, ref.RESOLUTION, 4096):  # p in (0, 0.5]: products in [1, 4)
+        thresholds = torch.arange(first, first + 4096)
+        scales = torch.tensor([ref.keep_scale(int(t)) for t in thresholds], dtype=torch.float64).float()
+        low = (scales[:, None] * values[None, :]).view(torch.int32) & ((1 << dropped) - 1)
+        hits = ((low - half).abs() <= 1).nonzero()
+        for t_index, v_index in hits.tolist():
+            cases.append((int(thresholds[t_index]), float(values[v_index])))
+    by_threshold = {}
+    for t, v in cases:
+        by_threshold.setdefault(t, []).append(v)
+    return sorted(by_threshold.items())[:: max(1, len(by_threshold) // limit)][:limit]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_rounds_products_at_rounding_boundaries_like_the_reference(device, dtype):
+    require_kernel(device)
+    cases = rounding_boundary_cases(dtype)
+    assert len(cases) >= 32, "the search must find boundary products to test"
+    for threshold, values in cases:
+        p = 1.0 - threshold / ref.RESOLUTION
+        assert ref.keep_threshold(p) == threshold
+        x = torch.tensor(values, dtype=torch.float32).to(dtype)
+        x = torch.cat([x, -x]).repeat(16).to(device)  # 32 copies each: some are kept
+        state = rng_state(threshold, 1, device)
+        out = torch.ops.fastreg.dropout_seeded(x, p, state, 0)[0]
+        assert mismatch(out, ref.dropout_seeded(x, p, state, 0)[0], exact=True) is None, f"threshold {threshold}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
