@@ -148,8 +148,11 @@ def test_inplace_on_overlapping_memory_raises_like_torch(device):
     x = torch.ones(1, 8, device=device).expand(4, 8)
     with pytest.raises(RuntimeError, match="single memory location"):
         x.mul_(2)  # what torch's own in-place ops say
+    generator = torch.Generator(device=device).manual_seed(0)
+    state = generator.get_state()
     with pytest.raises(RuntimeError, match="single memory location"):
-        F.dropout(x, 0.5, inplace=True)
+        F.dropout(x, 0.5, inplace=True, generator=generator)
+    assert torch.equal(generator.get_state(), state), "a refused call draws no random numbers"
 
 
 def test_inplace_on_leaf_requiring_grad_raises_like_torch():

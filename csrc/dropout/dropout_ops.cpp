@@ -1,6 +1,7 @@
 // CPU implementations of the fastreg dropout ops. The schemas are defined in
 // fastreg/ops/dropout.py (so the ops exist, on the reference, without a compiler).
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -61,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& inp
 std::tuple<at::Tensor, at::Tensor> dropout_inplace_cpu(at::Tensor& input, double p, int64_t mask_mode,
                                                        std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout_";
+  at::assert_no_internal_overlap(input);  // before the generator advances
   check_strided(input, op, "input");
   kernel_dtype(input, op);
   check_dropout_p(p);

@@ -3,6 +3,7 @@
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -97,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& in
 std::tuple<at::Tensor, at::Tensor> dropout_inplace_cuda(at::Tensor& input, double p, int64_t mask_mode,
                                                         std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout_";
+  at::assert_no_internal_overlap(input);  // before the generator advances
   check_input(input, p, op);
   const MaskMode mode = dropout_mask_mode(mask_mode);
   const c10::cuda::CUDAGuard guard(input.device());

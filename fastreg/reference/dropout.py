@@ -128,6 +128,12 @@ def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generato
 
 def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generator | None = None):
     """In place: x is overwritten with its dropout; returns (mask, rng_state)."""
+    # Refuse before the generator advances, where ATen's overlap check would refuse the write.
+    if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride())):
+        raise RuntimeError(
+            "unsupported operation: some elements of the input tensor and the written-to tensor refer to a single "
+            "memory location. Please clone() the tensor before performing the operation."
+        )
     out, mask, rng_state = dropout(x, p, mask_mode, generator)
     x.copy_(out)
     return mask, rng_state
