@@ -98,6 +98,43 @@ def test_wrong_dropout_fails_its_row_and_is_not_timed(forward, seeded, expected)
     assert rows["torch_eager"].status == OK and rows["torch_eager"].median_ms > 0  # the others still run
 
 
+def with_inplace_impl(forward, seeded=None):
+    def build(case: Case) -> BuiltCase:
+        built = dropout_cases.build(case)
+        built.impls["fastreg"] = dropout_cases.inplace_impl(built.inputs, "fastreg", forward, seeded)
+        return built
+
+    return build
+
+
+def fastreg_inplace(t):
+    return fastreg.functional.dropout(t, P, inplace=True)
+
+
+def test_inplace_case_passes_and_times_both():
+    rows = rows_by_impl(
+        run_case(tiny_dropout_case("fwd_inplace", ("torch_eager", "fastreg")), TINY, progress=lambda _: None)
+    )
+    assert rows["fastreg"].status == OK and rows["torch_eager"].status == OK, rows["fastreg"].message
+    assert rows["fastreg"].median_ms > 0
+
+
+@pytest.mark.parametrize(
+    "forward, seeded, expected",
+    [
+        (lambda t: fastreg.functional.dropout(t, P), None, "returned a new tensor, not its input"),
+        (lambda t: fastreg_inplace(t).mul_(1.01), None, "kept elements are scaled by"),
+        (fastreg_inplace, lambda t, g: torch.ops.fastreg.dropout_(t, P, 0, g)[1] + 1, "not bit-identical"),
+    ],
+    ids=["out-of-place", "wrong-scale", "wrong-rng-state"],
+)
+def test_wrong_inplace_dropout_fails_its_row(forward, seeded, expected):
+    case = tiny_dropout_case("fwd_inplace", ("torch_eager", "fastreg"), builder=with_inplace_impl(forward, seeded))
+    broken = rows_by_impl(run_case(case, TINY, progress=lambda _: None))["fastreg"]
+    assert broken.status == MISMATCH and expected in broken.message, broken.message
+    assert math.isnan(broken.median_ms)
+
+
 def test_report_shows_mismatch_instead_of_a_speed():
     case = tiny_dropout_case(builder=with_impl("fastreg", wrong_scale))
     rows = [row.as_dict() for row in run_case(case, TINY, progress=lambda _: None)]
