@@ -125,6 +125,26 @@ def test_kernel_rounds_products_at_rounding_boundaries_like_the_reference(device
         assert mismatch(out, ref.dropout_seeded(x, p, state, 0)[0], exact=True) is None, f"threshold {threshold}"
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), *DEVICES[1:]])
+def test_tensors_past_2_to_the_31_elements_are_indexed_in_64_bits(device):
+    # 2^31 + 21 fp16 elements (4 GB): element and group indices past int32 must follow the spec.
+    require_kernel(device)
+    n = (1 << 31) + 21
+    if device == "cuda" and torch.cuda.get_device_properties(0).total_memory < 10 * n:
+        pytest.skip("needs about 9 GB of GPU memory")
+    x = torch.ones(n, dtype=torch.float16, device=device)
+    out, bits = torch.ops.fastreg.dropout_seeded(x, 0.5, rng_state(77, 9, device), ref.BITS)
+    del x
+    last = (n - 1) // ref.GROUP
+    groups = torch.tensor([0, (1 << 28) - 1, 1 << 28, (1 << 28) + 1, last - 1, last], dtype=torch.int64)
+    keep = ref.keep_groups(groups, 0.5, 77, 9)
+    keep[-1, n - last * ref.GROUP :] = False  # past the end: no element, bit 0
+    assert torch.equal(bits[groups.to(device)].cpu(), ref.pack_bits(keep.reshape(-1)))
+    elements = (groups[:, None] * ref.GROUP + torch.arange(ref.GROUP)).reshape(-1)[: -(ref.GROUP - n % ref.GROUP)]
+    expected = keep.reshape(-1)[: elements.numel()].to(torch.float16) * 2
+    assert torch.equal(out[elements.to(device)].cpu(), expected)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_cpu_and_cuda_kernels_give_the_same_masks(dtype):

@@ -29,19 +29,24 @@ def check_p(p: float) -> None:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
-def keep_flat(n: int, p: float, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Keep decisions of elements 0..n-1 (memory order) as a bool tensor."""
-    groups = (n + GROUP - 1) // GROUP
-    g = torch.arange(groups, dtype=torch.int64, device=device)
+def keep_groups(groups: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+    """Keep decisions of the given groups (int64 indices) as a bool tensor of shape (len, 8):
+    column j is element 8 * group + j."""
     counter = [
-        g & 0xFFFFFFFF,
-        g >> 32,
-        torch.full_like(g, offset & 0xFFFFFFFF),
-        torch.full_like(g, (offset >> 32) & 0xFFFFFFFF),
+        groups & 0xFFFFFFFF,
+        groups >> 32,
+        torch.full_like(groups, offset & 0xFFFFFFFF),
+        torch.full_like(groups, (offset >> 32) & 0xFFFFFFFF),
     ]
     words = philox4x32_10(counter, (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
     lanes = torch.stack([half for w in words for half in (w & 0xFFFF, w >> 16)], dim=1)
-    return (lanes < keep_threshold(p)).reshape(-1)[:n]
+    return lanes < keep_threshold(p)
+
+
+def keep_flat(n: int, p: float, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Keep decisions of elements 0..n-1 (memory order) as a bool tensor."""
+    groups = torch.arange((n + GROUP - 1) // GROUP, dtype=torch.int64, device=device)
+    return keep_groups(groups, p, seed, offset).reshape(-1)[:n]
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
