@@ -261,11 +261,32 @@ void apply_bf16_groups(const uint16_t* in, uint16_t* out, const uint8_t* bits, i
     apply_bf16_groups_generic(in, out, bits, groups, rows);
   }
 }
+
+// float16 the same way with the F16C conversions (IEEE nearest-even, as c10::Half's): the
+// portable path converts element by element through c10::Half and ran 5x slower than bf16.
+__attribute__((target("avx2,f16c"))) void apply_fp16_groups_f16c(const uint16_t* in, uint16_t* out,
+                                                                 const uint8_t* bits, int64_t groups,
+                                                                 const float (*rows)[kDropoutGroup]) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + g * kDropoutGroup));
+    const __m256 y = _mm256_mul_ps(_mm256_cvtph_ps(raw), _mm256_load_ps(rows[bits[g]]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kDropoutGroup),
+                     _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// Whether apply_fp16_groups can run here; else the portable loop of apply_groups does.
+bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
 #else
 void apply_bf16_groups(const uint16_t* in, uint16_t* out, const uint8_t* bits, int64_t groups,
                        const float (*rows)[kDropoutGroup]) {
   apply_bf16_groups_generic(in, out, bits, groups, rows);
 }
+void apply_fp16_groups_f16c(const uint16_t*, uint16_t*, const uint8_t*, int64_t, const float (*)[kDropoutGroup]) {}
+bool has_f16c() { return false; }
 #endif
 
 // Elements [e0, e1) of one block whose keep bits are bits[(e - e0) / 8] >> ((e - e0) % 8).
@@ -280,6 +301,13 @@ void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     apply_bf16_groups(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out), bits, full_groups,
                       table.row);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    if (has_f16c()) {
+      apply_fp16_groups_f16c(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out), bits,
+                             full_groups, table.row);
+    } else {
+      apply_groups(in, out, table, bits, full_groups, streaming);
+    }
   } else {
     apply_groups(in, out, table, bits, full_groups, streaming);
   }

@@ -3,6 +3,8 @@
 #include <cstring>
 #include <vector>
 
+#include <c10/util/Half.h>
+
 #include "../dropout/dropout_kernels.h"
 #include "check.h"
 
@@ -117,7 +119,7 @@ FASTREG_TEST(dropout_cpu_group_ranges_compose) {
 }
 
 // In place (output == input) must give the out-of-place bytes: every element is read before
-// it is written, and the bf16 path has its own in-place loop (see apply_bf16_groups_in_place).
+// it is written, including in the 16-bit paths' explicit vector loops.
 template <typename T>
 void check_in_place_matches(const std::vector<T>& in, DType dtype) {
   const int64_t n = static_cast<int64_t>(in.size());
@@ -143,4 +145,6 @@ FASTREG_TEST(dropout_cpu_in_place_matches_out_of_place) {
     bf16[i] = static_cast<uint16_t>(bits >> 16);
   }
   check_in_place_matches(bf16, DType::BFloat16);
+  std::vector<c10::Half> fp16(values.begin(), values.end());
+  check_in_place_matches(fp16, DType::Float16);
 }
