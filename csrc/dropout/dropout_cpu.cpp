@@ -66,44 +66,55 @@ FASTREG_ISA_CLONES void keep_bits_block(DropoutRngState rng, uint64_t group0, ui
 // loop through 64-bit products (widen, multiply, narrow); here each 32x32->64 multiply is two
 // vpmuludq on even and odd lanes with the halves blended back: about half the instructions.
 __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i odd_lanes = _mm512_set1_epi64(static_cast<long long>(0xFFFFFFFF00000000ull));
+  constexpr __mmask16 kOddLanes = 0xAAAA;
   const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0,2,..: 64-bit products
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1,3,..
-  hi = _mm512_or_si512(_mm512_srli_epi64(even, 32), _mm512_and_si512(odd, odd_lanes));
-  lo = _mm512_or_si512(_mm512_andnot_si512(odd_lanes, even), _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(kOddLanes, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(kOddLanes, even, _mm512_slli_epi64(odd, 32));
 }
 
+// All four vectors of a block go through each round together: one round is a chain of
+// dependent multiplies, shifts and xors (latency-bound alone), and four independent chains
+// keep the vector units busy.
 __attribute__((target("avx512f"))) void keep_bits_block_avx512(DropoutRngState rng, uint64_t group0,
                                                                 uint32_t threshold, uint8_t* out) {
   using namespace philox_detail;
   constexpr int kLanes = 16;
+  constexpr int kVectors = kBlockGroups / kLanes;
   const __m512i mul0 = _mm512_set1_epi32(static_cast<int>(kMul0));
   const __m512i mul1 = _mm512_set1_epi32(static_cast<int>(kMul1));
   const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const uint64_t first = group0 + static_cast<uint64_t>(v) * kLanes;
+    const __m512i first_low = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
+    // Lanes whose low word wrapped past 2^32 carry into the high word.
+    c0[v] = _mm512_add_epi32(first_low, lane_index);
+    const __m512i carry = _mm512_maskz_set1_epi32(_mm512_cmplt_epu32_mask(c0[v], first_low), 1);
+    c1[v] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32))), carry);
+    c2[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
+    c3[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
+  }
+  uint32_t key0 = static_cast<uint32_t>(rng.seed), key1 = static_cast<uint32_t>(rng.seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(key0));
+    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(key1));
+    for (int v = 0; v < kVectors; ++v) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0[v], mul0, hi0, lo0);
+      mulhilo16(c2[v], mul1, hi1, lo1);
+      c0[v] = _mm512_ternarylogic_epi32(hi1, c1[v], k0, 0x96);  // three-way xor
+      c2[v] = _mm512_ternarylogic_epi32(hi0, c3[v], k1, 0x96);
+      c1[v] = lo1;
+      c3[v] = lo0;
+    }
+    key0 += kWeyl0;
+    key1 += kWeyl1;
+  }
   const __m512i low16 = _mm512_set1_epi32(0xFFFF);
   const __m512i limit = _mm512_set1_epi32(static_cast<int>(threshold));
-  for (int v = 0; v < kBlockGroups / kLanes; ++v) {
-    const uint64_t first = group0 + static_cast<uint64_t>(v) * kLanes;
-    // Lanes whose low word wrapped past 2^32 carry into the high word.
-    const __m512i low = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))), lane_index);
-    const __m512i carry = _mm512_maskz_set1_epi32(_mm512_cmplt_epu32_mask(low, _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)))), 1);
-    __m512i c0 = low;
-    __m512i c1 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32))), carry);
-    __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
-    __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
-    uint32_t key0 = static_cast<uint32_t>(rng.seed), key1 = static_cast<uint32_t>(rng.seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(c0, mul0, hi0, lo0);
-      mulhilo16(c2, mul1, hi1, lo1);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(key0)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(key1)));
-      c1 = lo1;
-      c3 = lo0;
-      key0 += kWeyl0;
-      key1 += kWeyl1;
-    }
-    const __m512i words[4] = {c0, c1, c2, c3};
+  for (int v = 0; v < kVectors; ++v) {
+    const __m512i words[4] = {c0[v], c1[v], c2[v], c3[v]};
     __m512i bits = _mm512_setzero_si512();
     for (int w = 0; w < 4; ++w) {
       const __mmask16 keep_low = _mm512_cmplt_epu32_mask(_mm512_and_si512(words[w], low16), limit);
