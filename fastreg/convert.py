@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .functional import DEFAULT_MASK_MODE, _mask_mode
+from .modules import batch_norm as fastreg_batch_norm
 from .modules import dropout as fastreg_dropout
 
 #: torch.nn class -> fastreg class taking the same constructor arguments
@@ -19,8 +20,20 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Dropout3d: fastreg_dropout.Dropout3d,
 }
 
+#: torch.nn class -> fastreg subclass that only overrides forward: swapped in place (same
+#: object, parameters, buffers and hooks), since the instance state is exactly torch's.
+_CLASS_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: fastreg_batch_norm.BatchNorm1d,
+    nn.BatchNorm2d: fastreg_batch_norm.BatchNorm2d,
+    nn.BatchNorm3d: fastreg_batch_norm.BatchNorm3d,
+}
+
 
 def _replacement(module: nn.Module, mask_mode: str) -> nn.Module | None:
+    swap = _CLASS_SWAPS.get(type(module))
+    if swap is not None:
+        module.__class__ = swap
+        return module
     cls = _REPLACEMENTS.get(type(module))
     if cls is None:
         return None
@@ -47,7 +60,8 @@ _HOOK_DICTS = (
 
 def convert(module: nn.Module, *, mask_mode: str = DEFAULT_MASK_MODE) -> nn.Module:
     """Replace every ``torch.nn.Dropout``/``Dropout1d``/``2d``/``3d`` inside ``module`` with the
-    fastreg module of the same arguments and training mode, and return ``module``.
+    fastreg module of the same arguments and training mode, turn every ``torch.nn.BatchNorm1d``/
+    ``2d``/``3d`` into fastreg's (the same object, its class swapped), and return ``module``.
 
     The model is changed in place (its parameters, buffers and ``state_dict`` are untouched);
     when ``module`` itself is a dropout layer, its replacement is returned. ``mask_mode``

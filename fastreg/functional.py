@@ -137,3 +137,49 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
         )
         return _feature_dropout(input, p, training, inplace)
     return _unbatched(_feature_dropout, input, 5, p, training, inplace)
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``torch.nn.functional.batch_norm`` on fastreg's kernels: same arguments and semantics.
+
+    In training mode the batch statistics normalise the input and, when given, the running
+    statistics are updated in place: ``running = (1 - momentum) * running + momentum * batch``
+    with the unbiased batch variance. Statistics are float32 (float64 for float64 inputs);
+    weight, bias and running statistics may be float32 with float16/bfloat16 inputs."""
+    if training:
+        _verify_batch_size(input)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("fastreg.batch_norm: running_mean and running_var must be given in evaluation mode")
+        return torch.ops.fastreg.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)
+    if input.numel() > 0:  # like torch: an empty batch leaves the running statistics alone
+        _update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
+    return output
+
+
+def _verify_batch_size(input: torch.Tensor) -> None:
+    if input.dim() >= 2 and input.numel() == input.shape[1] and input.shape[1] > 0:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.copy_(running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum)

@@ -1,0 +1,88 @@
+// Argument checks and kernel arguments shared by the CPU and CUDA batch-norm glue.
+// The messages match fastreg/reference/batch_norm.py, so both backends fail alike.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "../common/tensor_glue.h"
+#include "batch_norm_kernels.h"
+
+namespace fastreg {
+
+// float for fp32/fp16/bf16 inputs, double for fp64: per-channel arrays and statistics.
+inline at::ScalarType batch_norm_compute_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline DType batch_norm_check_input(const at::Tensor& input, const char* op) {
+  check_strided(input, op, "input");
+  const DType dtype = kernel_dtype(input, op);
+  TORCH_CHECK_VALUE(input.dim() >= 2, op, ": expected an input of shape (N, C, ...) with at least 2 dimensions, got ",
+                    input.dim(), "-D");
+  return dtype;
+}
+
+// A per-channel tensor (weight, bias, running stats, saved mean/invstd, sums): 1-D, C elements,
+// on the input's device, of the input's dtype or the compute dtype (fp32 weights with 16-bit
+// activations, as under autocast).
+inline void batch_norm_check_channel(const at::Tensor& t, const at::Tensor& input, const char* op, const char* name) {
+  check_strided(t, op, name);
+  const int64_t channels = input.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must be 1-D with ", channels,
+              " elements (the input's channels), got shape ", t.sizes());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ", input.device());
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == input.scalar_type() || st == batch_norm_compute_dtype(input.scalar_type()), op, ": ", name,
+                   " has dtype ", st, "; expected ", input.scalar_type(), " (the input's) or ",
+                   batch_norm_compute_dtype(input.scalar_type()));
+}
+
+inline void batch_norm_check_optional_channel(const std::optional<at::Tensor>& t, const at::Tensor& input,
+                                              const char* op, const char* name) {
+  if (t.has_value() && t->defined()) batch_norm_check_channel(*t, input, op, name);
+}
+
+inline void batch_norm_check_eps(double eps, const char* op) {
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps < INFINITY, op, ": eps must be a finite number >= 0, got ", eps);
+}
+
+inline void batch_norm_check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
+  check_strided(grad_output, op, "grad_output");
+  TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output has dtype ",
+                   grad_output.scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
+              " but input has shape ", input.sizes());
+}
+
+// Per-channel array in the compute dtype, contiguous (a no-op when it already is). Undefined
+// stays undefined (the kernels read nullptr as weight 1 / bias 0).
+inline at::Tensor batch_norm_channel_array(const std::optional<at::Tensor>& t, at::ScalarType compute) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return t->to(compute).contiguous();
+}
+
+inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// The [outer][C][inner] walk of a non-overlapping, dense tensor (see batch_norm_kernels.h):
+// the dimensions laid out inside the channel dimension form one block of stride(1) elements,
+// whatever the dimension order (contiguous, channels_last, other permutations).
+inline BatchNormLayout batch_norm_layout(const at::Tensor& dense) {
+  const int64_t channels = dense.size(1);
+  const int64_t numel = dense.numel();
+  if (numel == 0) return BatchNormLayout{0, channels, 0};
+  if (channels == 1) return BatchNormLayout{1, 1, numel};
+  const int64_t inner = dense.stride(1);
+  return BatchNormLayout{numel / (channels * inner), channels, inner};
+}
+
+// grad_output in the memory layout of the dense input (a copy only when it differs).
+inline at::Tensor batch_norm_match_layout(const at::Tensor& grad_output, const at::Tensor& dense_input) {
+  if (grad_output.strides() == dense_input.strides() && grad_output.is_non_overlapping_and_dense()) return grad_output;
+  return at::empty_like(dense_input).copy_(grad_output);
+}
+
+}  // namespace fastreg

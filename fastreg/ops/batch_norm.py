@@ -1,0 +1,155 @@
+"""fastreg::batch_norm_* ops: training and eval forward, backward, and the pieces SyncBatchNorm
+puts together around its collectives (stats, elemt, backward_reduce, backward_elemt).
+
+Per-channel results (mean, invstd, var, sums) are 1-D tensors of C elements in the compute
+dtype (float32; float64 for float64 inputs). Outputs keep the input's memory layout. The
+running statistics are not touched by the ops: fastreg.functional.batch_norm updates them
+from the returned mean and var, so every op here is functional (autograd, torch.compile and
+opcheck need no special cases).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._library import define
+from ..memory_format import memory_dense
+from ..reference import batch_norm as ref
+
+define(
+    "batch_norm_train",
+    "(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+    " -> (Tensor output, Tensor mean, Tensor invstd, Tensor var)",
+    ref.batch_norm_train,
+)
+define(
+    "batch_norm_eval",
+    "(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps) -> Tensor",
+    ref.batch_norm_eval,
+)
+define("batch_norm_stats", "(Tensor input) -> (Tensor mean, Tensor var)", ref.batch_norm_stats)
+define(
+    "batch_norm_elemt",
+    "(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor",
+    ref.batch_norm_elemt,
+)
+define(
+    "batch_norm_backward",
+    "(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, bool training)"
+    " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+    ref.batch_norm_backward,
+)
+define(
+    "batch_norm_backward_reduce",
+    "(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)",
+    ref.batch_norm_backward_reduce,
+)
+define(
+    "batch_norm_backward_elemt",
+    "(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy,"
+    " Tensor sum_dy_xmu, int count) -> Tensor",
+    ref.batch_norm_backward_elemt,
+)
+
+
+def _channels(input: torch.Tensor) -> torch.Tensor:
+    return input.new_empty((input.shape[1],), dtype=ref.compute_dtype(input.dtype))
+
+
+def _like_input(input: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(memory_dense(input))
+
+
+@torch.library.register_fake("fastreg::batch_norm_train")
+def _train_fake(input, weight, bias, eps):
+    ref.check_eps(eps, "fastreg.batch_norm")
+    return _like_input(input), _channels(input), _channels(input), _channels(input)
+
+
+@torch.library.register_fake("fastreg::batch_norm_eval")
+def _eval_fake(input, running_mean, running_var, weight, bias, eps):
+    ref.check_eps(eps, "fastreg.batch_norm")
+    return _like_input(input)
+
+
+@torch.library.register_fake("fastreg::batch_norm_stats")
+def _stats_fake(input):
+    return _channels(input), _channels(input)
+
+
+@torch.library.register_fake("fastreg::batch_norm_elemt")
+def _elemt_fake(input, mean, invstd, weight, bias):
+    return _like_input(input)
+
+
+@torch.library.register_fake("fastreg::batch_norm_backward")
+def _backward_fake(grad_output, input, mean, invstd, weight, training):
+    dtype = ref.compute_dtype(input.dtype) if weight is None else weight.dtype
+    channels = input.new_empty((input.shape[1],), dtype=dtype)
+    return _like_input(input), channels, torch.empty_like(channels)
+
+
+@torch.library.register_fake("fastreg::batch_norm_backward_reduce")
+def _backward_reduce_fake(grad_output, input, mean):
+    return _channels(input), _channels(input)
+
+
+@torch.library.register_fake("fastreg::batch_norm_backward_elemt")
+def _backward_elemt_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    return _like_input(input)
+
+
+# Autograd. The saved mean / invstd / var are statistics, not differentiable outputs (as in
+# torch.native_batch_norm): gradients flowing into them are ignored.
+def _train_setup(ctx, inputs, output):
+    input, weight, bias, _eps = inputs
+    ctx.save_for_backward(input, weight, output[1], output[2])
+    ctx.has_bias = bias is not None
+
+
+def _train_grad(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
+    input, weight, mean, invstd = ctx.saved_tensors
+    return _grads(ctx, grad_output, input, weight, mean, invstd, training=True) + (None,)
+
+
+def _grads(ctx, grad_output, input, weight, mean, invstd, *, training):
+    needs_input, needs_weight, needs_bias = _needs(ctx, training)
+    if grad_output is None or not (needs_input or needs_weight or needs_bias):
+        return None, None, None
+    grad_input, grad_weight, grad_bias = torch.ops.fastreg.batch_norm_backward(
+        grad_output, input, mean, invstd, weight, training
+    )
+    return (
+        grad_input if needs_input else None,
+        grad_weight if needs_weight and weight is not None else None,
+        grad_bias if needs_bias and ctx.has_bias else None,
+    )
+
+
+def _needs(ctx, training):
+    # needs_input_grad follows the op's argument order: (input, weight, bias, ...) for train,
+    # (input, running_mean, running_var, weight, bias, eps) for eval.
+    n = ctx.needs_input_grad
+    return (n[0], n[1], n[2]) if training else (n[0], n[3], n[4])
+
+
+torch.library.register_autograd("fastreg::batch_norm_train", _train_grad, setup_context=_train_setup)
+
+
+def _eval_setup(ctx, inputs, output):
+    input, running_mean, running_var, weight, bias, eps = inputs
+    compute = ref.compute_dtype(input.dtype)
+    invstd = torch.rsqrt(running_var.detach().to(compute) + eps)
+    ctx.save_for_backward(input, weight, running_mean.detach().to(compute), invstd)
+    ctx.has_bias = bias is not None
+    if running_mean.requires_grad or running_var.requires_grad:
+        raise RuntimeError("fastreg.batch_norm: gradients with respect to the running statistics are not supported")
+
+
+def _eval_grad(ctx, grad_output):
+    input, weight, mean, invstd = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = _grads(ctx, grad_output, input, weight, mean, invstd, training=False)
+    return grad_input, None, None, grad_weight, grad_bias, None
+
+
+torch.library.register_autograd("fastreg::batch_norm_eval", _eval_grad, setup_context=_eval_setup)
