@@ -138,17 +138,20 @@ torch.library.register_autograd("fastreg::batch_norm_train", _train_grad, setup_
 
 def _eval_setup(ctx, inputs, output):
     input, running_mean, running_var, weight, bias, eps = inputs
-    compute = ref.compute_dtype(input.dtype)
-    invstd = torch.rsqrt(running_var.detach().to(compute) + eps)
-    ctx.save_for_backward(input, weight, running_mean.detach().to(compute), invstd)
-    ctx.has_bias = bias is not None
     if running_mean.requires_grad or running_var.requires_grad:
         raise RuntimeError("fastreg.batch_norm: gradients with respect to the running statistics are not supported")
+    ctx.save_for_backward(input, weight, running_mean, running_var)
+    ctx.has_bias = bias is not None
+    ctx.eps = eps
 
 
 def _eval_grad(ctx, grad_output):
-    input, weight, mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _grads(ctx, grad_output, input, weight, mean, invstd, training=False)
+    input, weight, running_mean, running_var = ctx.saved_tensors
+    compute = ref.compute_dtype(input.dtype)
+    invstd = torch.rsqrt(running_var.to(compute) + ctx.eps)
+    grad_input, grad_weight, grad_bias = _grads(
+        ctx, grad_output, input, weight, running_mean.to(compute), invstd, training=False
+    )
     return grad_input, None, None, grad_weight, grad_bias, None
 
 
