@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import _loader, functional, ops, penalty  # noqa: F401  (ops defines torch.ops.fastreg.*)
 from ._backends import backends
 from .convert import convert
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, Dropout, Dropout1d, Dropout2d, Dropout3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, Dropout, Dropout1d, Dropout2d, Dropout3d, SyncBatchNorm
 from .penalty import WeightPenalty, select_decay_parameters, weight_penalty
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
+    "SyncBatchNorm",
     "WeightPenalty",
     "backends",
     "convert",

@@ -26,6 +26,7 @@ _CLASS_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: fastreg_batch_norm.BatchNorm1d,
     nn.BatchNorm2d: fastreg_batch_norm.BatchNorm2d,
     nn.BatchNorm3d: fastreg_batch_norm.BatchNorm3d,
+    nn.SyncBatchNorm: fastreg_batch_norm.SyncBatchNorm,
 }
 
 
@@ -61,7 +62,7 @@ _HOOK_DICTS = (
 def convert(module: nn.Module, *, mask_mode: str = DEFAULT_MASK_MODE) -> nn.Module:
     """Replace every ``torch.nn.Dropout``/``Dropout1d``/``2d``/``3d`` inside ``module`` with the
     fastreg module of the same arguments and training mode, turn every ``torch.nn.BatchNorm1d``/
-    ``2d``/``3d`` into fastreg's (the same object, its class swapped), and return ``module``.
+    ``2d``/``3d`` and ``SyncBatchNorm`` into fastreg's (the same object, its class swapped), and return ``module``.
 
     The model is changed in place (its parameters, buffers and ``state_dict`` are untouched);
     when ``module`` itself is a dropout layer, its replacement is returned. ``mask_mode``

@@ -167,7 +167,8 @@ def batch_norm(
         return torch.ops.fastreg.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
     output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)
     if input.numel() > 0:  # like torch: an empty batch leaves the running statistics alone
-        _update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
+        count = input.numel() // input.shape[1]
+        update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)), momentum)
     return output
 
 
@@ -176,10 +177,10 @@ def _verify_batch_size(input: torch.Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
-def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+def update_running_stats(running_mean, running_var, mean, unbiased_var, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch``, in place, in the statistics' precision."""
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
         if running_var is not None:
-            unbiased = var * (count / (count - 1))
-            running_var.copy_(running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum)
+            running_var.copy_(running_var.to(unbiased_var.dtype) * (1.0 - momentum) + unbiased_var * momentum)

@@ -4,21 +4,28 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .. import functional as F
+from ..sync_batch_norm import SyncBatchNormFunction
 
 
 class _FastBatchNorm:
     """The forward of ``torch.nn.modules.batchnorm._BatchNorm`` (momentum, cumulative average
     when ``momentum=None``, ``num_batches_tracked``, ``track_running_stats``) on fastreg's ops."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+    def _running_stats_factor(self) -> float:
+        """The weight of this batch in the running statistics; counts the batch when tracked."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = self._running_stats_factor()
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # The running statistics are passed when they are used or updated.
@@ -45,3 +52,27 @@ class BatchNorm2d(_FastBatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` with fastreg's kernels."""
+
+
+class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` with fastreg's kernels: in training, statistics over every
+    process of ``process_group`` (one all_gather forward, one all_reduce backward; NCCL on GPU,
+    gloo on CPU). Without an initialised process group of more than one process, or in eval
+    mode, it is ``fastreg.BatchNorm``. Build one from a model with
+    ``fastreg.convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        world_size = dist.get_world_size(group) if group is not None else 1
+        if not self.training or world_size == 1:
+            return super().forward(input)
+        factor = self._running_stats_factor()
+        output, mean, var, total = SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.eps, group, world_size
+        )
+        if self.track_running_stats:
+            unbiased = (var * total / (total - 1)).to(mean.dtype)
+            F.update_running_stats(self.running_mean, self.running_var, mean, unbiased, factor)
+        return output

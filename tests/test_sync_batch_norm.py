@@ -1,0 +1,101 @@
+"""fastreg.SyncBatchNorm across two gloo processes on the CPU: the same results as batch norm on
+the whole batch in one process, with the ranks holding batches of different sizes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import fastreg
+
+WORLD = 2
+SIZES = (3, 5)  # samples per rank: the merge must weight the ranks by their counts
+CHANNELS = 4
+
+
+def whole_batch(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(SIZES), CHANNELS, 5, 6, generator=g, dtype=torch.float64) * 3 + 7
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x.to(dtype), dy.to(dtype)
+
+
+def rank_slice(rank: int) -> slice:
+    start = sum(SIZES[:rank])
+    return slice(start, start + SIZES[rank])
+
+
+def _worker(rank: int, store_path: str, out_dir: str, channels_last: bool) -> None:
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        bn = fastreg.SyncBatchNorm(CHANNELS)
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 2.0, CHANNELS))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, CHANNELS))
+        x, dy = whole_batch()
+        x, dy = x[rank_slice(rank)].clone(), dy[rank_slice(rank)]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        y = bn(x)
+        y.backward(dy)
+        torch.save(
+            {
+                "y": y.detach(),
+                "grad_x": x.grad,
+                "grad_w": bn.weight.grad,
+                "grad_b": bn.bias.grad,
+                "running_mean": bn.running_mean,
+                "running_var": bn.running_var,
+                "strides_match": y.stride() == x.stride(),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_two_processes_match_the_whole_batch(tmp_path, channels_last):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), channels_last), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    x, dy = whole_batch()
+    x.requires_grad_()
+    weight = torch.linspace(0.5, 2.0, CHANNELS).requires_grad_()
+    bias = torch.linspace(-1.0, 1.0, CHANNELS).requires_grad_()
+    running_mean, running_var = torch.zeros(CHANNELS), torch.ones(CHANNELS)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+    grad_x, grad_w, grad_b = torch.autograd.grad(y, (x, weight, bias), dy)
+
+    close = dict(rtol=1e-4, atol=1e-5)
+    for rank, result in enumerate(results):
+        assert result["strides_match"]
+        torch.testing.assert_close(result["y"], y[rank_slice(rank)].detach(), **close)
+        torch.testing.assert_close(result["grad_x"], grad_x[rank_slice(rank)], **close)
+        torch.testing.assert_close(result["running_mean"], running_mean, **close)
+        torch.testing.assert_close(result["running_var"], running_var, **close)
+    # Parameter gradients are each rank's own (DDP sums/averages them): together, the whole batch's.
+    torch.testing.assert_close(sum(r["grad_w"] for r in results), grad_w, **close)
+    torch.testing.assert_close(sum(r["grad_b"] for r in results), grad_b, **close)
+
+
+def test_without_a_process_group_it_is_batch_norm():
+    x, _ = whole_batch()
+    sync, plain = fastreg.SyncBatchNorm(CHANNELS), nn.BatchNorm2d(CHANNELS)
+    torch.testing.assert_close(sync(x), plain(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sync.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_convert_turns_torch_sync_batch_norm_into_fastregs():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, CHANNELS, 1), nn.BatchNorm2d(CHANNELS)))
+    assert type(fastreg.convert(model)[1]) is fastreg.SyncBatchNorm
