@@ -45,9 +45,9 @@ sanitizer() {
   local select="cuda and not compile"
   compute-sanitizer --tool memcheck --error-exitcode 1 "$python" -m pytest -q -p no:cacheprovider \
     tests/test_dropout_rng.py tests/test_dropout_ops.py tests/test_dropout_semantics.py tests/test_weight_penalty.py \
-    -k "$select" &&
+    tests/test_batch_norm.py -k "$select" &&
     compute-sanitizer --tool racecheck --error-exitcode 1 "$python" -m pytest -q -p no:cacheprovider \
-      tests/test_weight_penalty.py -k "$select"  # the only kernels with shared memory
+      tests/test_weight_penalty.py tests/test_batch_norm.py -k "$select"  # the kernels with shared memory
 }
 
 bench() {
@@ -56,7 +56,7 @@ bench() {
 
 profile() {
   # DRAM throughput of each fastreg kernel at 16M elements, as Nsight Compute sees it.
-  ncu --kernel-name regex:"dropout|penalty" --launch-skip 2 --launch-count 6 \
+  ncu --kernel-name regex:"dropout|penalty|batch_norm" --launch-skip 2 --launch-count 12 \
     --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes.sum \
     "$python" - <<'EOF'
 import torch, fastreg, fastreg.functional as F
@@ -69,6 +69,12 @@ for dtype in (torch.float32, torch.bfloat16):
 params = fastreg.penalty.resnet50_like_params(device="cuda", grads=True)
 for _ in range(3):
     fastreg.WeightPenalty(params, l1=1e-5, l2=1e-4).add_grad_()
+for memory_format in (torch.contiguous_format, torch.channels_last):
+    xb = torch.randn(256, 64, 56, 56, device="cuda", dtype=torch.bfloat16).to(memory_format=memory_format)
+    bn = fastreg.BatchNorm2d(64).cuda()
+    xb.requires_grad_()
+    for _ in range(2):
+        torch.autograd.grad(bn(xb), xb, torch.ones_like(xb))
 torch.cuda.synchronize()
 EOF
 }
