@@ -1,0 +1,24 @@
+// CUDA-only helpers of batch_norm_ops_cuda.cpp, beside the contract of batch_norm_kernels.h:
+// the small per-channel steps the glue would otherwise do with several ATen launches.
+// Same conventions: plain pointers, `stream` is a cudaStream_t, nullptr or an error message.
+#pragma once
+
+#include <cstdint>
+
+#include "batch_norm_kernels.h"
+
+namespace fastreg {
+
+// invstd = 1 / sqrt(var + eps), each step rounded in the compute type (`compute` is Float32 or
+// Float64; var and invstd hold `channels` values of it). The eval forward's invstd.
+const char* batch_norm_invstd_cuda(int64_t channels, DType compute, const void* var, double eps, void* invstd,
+                                   void* stream);
+
+// grad_weight = sum_dy_xmu * invstd (product in the compute type), grad_bias = sum_dy, both
+// rounded to `out` (the weight's dtype, or the compute type without weight). Inputs are
+// `channels` values of the compute type.
+const char* batch_norm_grad_affine_cuda(int64_t channels, DType compute, DType out, const void* sum_dy,
+                                        const void* sum_dy_xmu, const void* invstd, void* grad_weight, void* grad_bias,
+                                        void* stream);
+
+}  // namespace fastreg

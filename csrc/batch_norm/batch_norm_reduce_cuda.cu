@@ -1,0 +1,741 @@
+// CUDA batch-norm reductions: per-channel statistics (stats, train forward) and the backward
+// sums, plus the small per-channel kernels of batch_norm_cuda.h. Framework-free: plain
+// pointers, sizes and a stream; batch_norm_ops_cuda.cpp is the glue.
+//
+// Two passes, both deterministic:
+//  1. reduce: a grid of (channel tiles) x (splits). The splits cut the rows of each channel
+//     into contiguous ranges; their number comes from the shape only (reduce_plan), never from
+//     the device, so the same input gives the same bits on every GPU. Each thread reduces a
+//     fixed sequence of packs, the block merges its threads in a fixed shuffle/shared-memory
+//     tree, and the block's partial goes to its own workspace slot (no atomics).
+//     - NCHW-like (inner > 1): block (c, s) walks packs [s*L, (s+1)*L) of channel c's
+//       outer*inner elements (pack = 16 bytes when inner allows it, else one element).
+//     - channels-last (inner == 1): block (t, s) covers 32 * V channels (V per thread, one
+//       16-byte pack when C allows it) and rows [s*L, (s+1)*L); threads along C read whole
+//       rows, so every warp reads contiguous memory.
+//  2. finalize: one warp per channel merges its splits in a fixed order and writes the
+//     per-channel results in the compute type.
+// The pack width, and so the summation order, depends on the shape only: a misaligned
+// pointer reads the same packs element by element.
+//
+// Statistics are stable for large means: every thread shifts its values by the first value it
+// reads (K), reduces batches of U packs exactly (batch mean, then the batch's sum of squared
+// deviations from it) and merges them into its running (count, mean - K, M2) with Chan's
+// formula; blocks and splits merge (count, mean, M2) in double. Nothing forms
+// sum(x^2) - sum(x)^2. Backward sums run in the compute type over one batch, then in double.
+//
+// Workspace: splits * C partials of 3 doubles, partial (c, s) at [(c * splits + s) * 3]:
+// (count, mean, M2) for the statistics, (sum_dy, sum_dy_xmu, unused) for the backward sums.
+#include "batch_norm_cuda.cuh"
+#include "batch_norm_cuda.h"
+
+namespace fastreg {
+namespace {
+
+using namespace bn_cuda;
+
+constexpr int kVectorUnroll = 4;   // 16-byte packs per thread and tensor in flight
+constexpr int kScalarUnroll = 8;   // one-element packs per thread and tensor in flight
+constexpr int64_t kBlockBytes = 64 * 1024;     // aim: one block reads this much of one input
+constexpr int64_t kMinBlockBytes = 8 * 1024;   // ...and at least this much when splitting further
+constexpr int64_t kTargetBlocks = 1024;        // split further while the grid has fewer blocks
+constexpr int64_t kMaxSplits = 1024;           // finalize: at most 32 sequential merges per lane
+constexpr int kMaxTileThreads = 32;            // channels-last: threads along C per block
+constexpr int64_t kMaxGridX = 2147483647;
+
+// ---- the plan: shape and dtype only (the workspace size and the summation order follow it)
+
+struct ReducePlan {
+  bool channels_last;
+  int vec;            // elements per pack
+  int log2_tc;        // channels-last: 1 << log2_tc threads along C
+  int64_t tiles;      // grid.x: C (NCHW-like) or channel tiles (channels-last)
+  int64_t splits;     // grid.y; 0 for an empty input
+  int64_t split_len;  // NCHW-like: packs of one channel per split; channels-last: rows per split
+};
+
+ReducePlan reduce_plan(const BatchNormLayout& layout, DType dtype) {
+  ReducePlan p{};
+  const int64_t es = element_size(dtype);
+  const int64_t vmax = 16 / es;
+  const int64_t channels = layout.channels;
+  const int64_t count = layout.count();
+  p.channels_last = layout.inner == 1;
+  int64_t units = 0, unit_bytes = 0;  // one block column: `units` of `unit_bytes` each
+  if (p.channels_last) {
+    p.vec = static_cast<int>(channels % vmax == 0 ? vmax : 1);
+    const int64_t cols = channels / p.vec;
+    p.log2_tc = ceil_log2(cols < kMaxTileThreads ? (cols < 1 ? 1 : cols) : kMaxTileThreads);
+    const int64_t width = int64_t{p.vec} << p.log2_tc;
+    p.tiles = ceil_div(channels, width);
+    units = count;  // rows
+    unit_bytes = (channels < width ? channels : width) * es;
+  } else {
+    p.vec = static_cast<int>(layout.inner % vmax == 0 ? vmax : 1);
+    p.log2_tc = 0;
+    p.tiles = channels;
+    units = count / p.vec;  // packs of one channel
+    unit_bytes = p.vec * es;
+  }
+  if (count == 0 || channels == 0 || units == 0) {
+    p.splits = 0;
+    p.split_len = 0;
+    return p;
+  }
+  const int64_t bytes = units * unit_bytes;
+  int64_t splits = ceil_div(bytes, kBlockBytes);
+  if (p.tiles * splits < kTargetBlocks) {
+    const int64_t more = ceil_div(kTargetBlocks, p.tiles);
+    const int64_t most = ceil_div(bytes, kMinBlockBytes);
+    const int64_t wanted = more < most ? more : most;
+    if (wanted > splits) splits = wanted;
+  }
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  if (splits > units) splits = units;
+  if (splits < 1) splits = 1;
+  p.split_len = ceil_div(units, splits);
+  p.splits = ceil_div(units, p.split_len);  // no empty split
+  return p;
+}
+
+// ---- merges
+
+// (count, mean, M2) of a set of values; count 0 means empty (mean and M2 are then 0).
+struct Welford {
+  double n, mean, m2;
+};
+
+// Chan et al.: exact in exact arithmetic, stable in floating point. Branch-free: an empty
+// side leaves the other unchanged (r = 0, or r = 1 with mean_a = m2_a = 0).
+__device__ __forceinline__ Welford merge(const Welford& a, const Welford& b) {
+  const double n = a.n + b.n;
+  const double r = n > 0.0 ? b.n / n : 0.0;
+  const double delta = b.mean - a.mean;
+  return Welford{n, a.mean + delta * r, a.m2 + b.m2 + delta * delta * a.n * r};
+}
+
+__device__ __forceinline__ Welford shfl_down(const Welford& w, int offset) {
+  return Welford{__shfl_down_sync(0xffffffffu, w.n, offset), __shfl_down_sync(0xffffffffu, w.mean, offset),
+                 __shfl_down_sync(0xffffffffu, w.m2, offset)};
+}
+
+// Fixed-order block merge; thread 0 gets the result. Every thread of the block calls it.
+__device__ __forceinline__ Welford block_merge(Welford w) {
+  __shared__ Welford warp_state[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) w = merge(w, shfl_down(w, offset));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_state[warp] = w;
+  __syncthreads();
+  if (warp == 0) {
+    w = lane < kWarps ? warp_state[lane] : Welford{0.0, 0.0, 0.0};
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) w = merge(w, shfl_down(w, offset));
+  }
+  return w;
+}
+
+__device__ __forceinline__ void block_sum(double& a, double& b) {
+  __shared__ double warp_a[kWarps], warp_b[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_a[warp] = a;
+    warp_b[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kWarps ? warp_a[lane] : 0.0;
+    b = lane < kWarps ? warp_b[lane] : 0.0;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      a += __shfl_down_sync(0xffffffffu, a, offset);
+      b += __shfl_down_sync(0xffffffffu, b, offset);
+    }
+  }
+}
+
+// A thread's running statistics of one channel in the compute type, shifted by its first
+// value: count n, d = mean - K, M2.
+template <typename A>
+struct Running {
+  int64_t n = 0;
+  A shift = 0, d = 0, m2 = 0;
+
+  __device__ __forceinline__ Welford to_double() const {
+    return Welford{static_cast<double>(n), static_cast<double>(shift) + static_cast<double>(d),
+                   static_cast<double>(m2)};
+  }
+};
+
+// Merges a batch (nb values, shifted mean bm, sum of squared deviations b2; r = nb / (n + nb))
+// into a running state.
+template <typename A>
+__device__ __forceinline__ void absorb(Running<A>& s, int64_t nb, A bm, A b2, A r) {
+  const A delta = bm - s.d;
+  s.d += delta * r;
+  s.m2 += b2 + delta * delta * (static_cast<A>(s.n) * r);
+  s.n += nb;
+}
+
+struct ReduceArgs {
+  const void* x;
+  const void* dy;    // backward only
+  const void* mean;  // backward only: compute type
+  double* partials;
+  int64_t channels, inner, outer;
+  int64_t splits, split_len;
+  int64_t inner_packs;           // NCHW-like: inner / V
+  int64_t step_rows, step_cols;  // NCHW-like: kThreads packs as whole rows plus packs
+  int log2_tc;                   // channels-last
+};
+
+// ---- NCHW-like: block (c, s)
+
+template <typename T, int V, bool Vector, bool Backward>
+__global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(const ReduceArgs a) {
+  using A = Acc<T>;
+  constexpr int U = V == 1 ? kScalarUnroll : kVectorUnroll;
+  const int64_t c = blockIdx.x;
+  const int64_t s = blockIdx.y;
+  const int64_t packs = a.outer * a.inner_packs;
+  const int64_t q_begin = s * a.split_len;
+  const int64_t q_end = q_begin + a.split_len < packs ? q_begin + a.split_len : packs;
+  const int64_t row_stride = a.channels * a.inner;
+  const T* __restrict__ x = static_cast<const T*>(a.x) + c * a.inner;
+  const T* __restrict__ g = Backward ? static_cast<const T*>(a.dy) + c * a.inner : nullptr;
+
+  Running<A> st;
+  double sum_dy = 0.0, sum_dy_xmu = 0.0;
+  A mean_c = 0;
+  if constexpr (Backward) mean_c = static_cast<const A*>(a.mean)[c];
+
+  int64_t q = q_begin + threadIdx.x;
+  int64_t row = q / a.inner_packs;
+  int64_t col = q - row * a.inner_packs;
+  for (; q < q_end; q += int64_t{U} * kThreads) {
+    T xv[U][V], gv[U][V];
+    int nv = 0;  // packs of this batch in range: a prefix of the U
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (q + int64_t{u} * kThreads < q_end) {
+        const int64_t off = row * row_stride + col * V;
+        load_pack<T, V, Vector>(x + off, xv[u]);
+        if constexpr (Backward) load_pack<T, V, Vector>(g + off, gv[u]);
+        nv = u + 1;
+      }
+      col += a.step_cols;
+      row += a.step_rows;
+      if (col >= a.inner_packs) {
+        col -= a.inner_packs;
+        ++row;
+      }
+    }
+    if constexpr (Backward) {
+      A b_dy = 0, b_dyx = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (u < nv) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            const A gk = to_compute(gv[u][k]);
+            b_dy += gk;
+            b_dyx += gk * (to_compute(xv[u][k]) - mean_c);
+          }
+        }
+      }
+      sum_dy += static_cast<double>(b_dy);
+      sum_dy_xmu += static_cast<double>(b_dyx);
+    } else {
+      if (st.n == 0) st.shift = to_compute(xv[0][0]);
+      A bs = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (u < nv) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) bs += to_compute(xv[u][k]) - st.shift;
+        }
+      }
+      const int64_t nb = int64_t{nv} * V;
+      const A bm = bs / static_cast<A>(nb);
+      A b2 = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (u < nv) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            const A t = (to_compute(xv[u][k]) - st.shift) - bm;
+            b2 += t * t;
+          }
+        }
+      }
+      absorb(st, nb, bm, b2, static_cast<A>(nb) / static_cast<A>(st.n + nb));
+    }
+  }
+
+  double* out = a.partials + (c * a.splits + s) * 3;
+  if constexpr (Backward) {
+    block_sum(sum_dy, sum_dy_xmu);
+    if (threadIdx.x == 0) {
+      out[0] = sum_dy;
+      out[1] = sum_dy_xmu;
+      out[2] = 0.0;
+    }
+  } else {
+    const Welford w = block_merge(st.to_double());
+    if (threadIdx.x == 0) {
+      out[0] = w.n;
+      out[1] = w.mean;
+      out[2] = w.m2;
+    }
+  }
+}
+
+// ---- channels-last: block (tile, s); thread (col, row lane) owns channels c0 .. c0 + V - 1
+
+template <typename T, int V, bool Vector, bool Backward>
+__global__ void __launch_bounds__(kThreads) reduce_cl_kernel(const ReduceArgs a) {
+  using A = Acc<T>;
+  constexpr int U = V == 1 ? kScalarUnroll : kVectorUnroll;
+  const int tc = 1 << a.log2_tc;
+  const int col = static_cast<int>(threadIdx.x) & (tc - 1);
+  const int row_lane = static_cast<int>(threadIdx.x) >> a.log2_tc;
+  const int rows_per_pass = kThreads >> a.log2_tc;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tc + col) * V;
+  const int64_t s = blockIdx.y;
+  const int64_t r_begin = s * a.split_len;
+  const int64_t r_end = r_begin + a.split_len < a.outer ? r_begin + a.split_len : a.outer;
+  const int64_t C = a.channels;
+
+  // Per channel v: shifted running statistics (count shared) or backward sums.
+  int64_t n = 0;
+  A shift[V], d[V], m2[V];
+  double sdy[V], sdyx[V];
+  A mean_c[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    shift[v] = d[v] = m2[v] = A(0);
+    sdy[v] = sdyx[v] = 0.0;
+    mean_c[v] = A(0);
+  }
+
+  if (c0 < C) {
+    const T* __restrict__ x = static_cast<const T*>(a.x) + c0;
+    const T* __restrict__ g = Backward ? static_cast<const T*>(a.dy) + c0 : nullptr;
+    if constexpr (Backward) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) mean_c[v] = static_cast<const A*>(a.mean)[c0 + v];
+    }
+    const int64_t step = int64_t{U} * rows_per_pass;
+    for (int64_t r = r_begin + row_lane; r < r_end; r += step) {
+      T xv[U][V], gv[U][V];
+      int nv = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t rr = r + int64_t{u} * rows_per_pass;
+        if (rr < r_end) {
+          load_pack<T, V, Vector>(x + rr * C, xv[u]);
+          if constexpr (Backward) load_pack<T, V, Vector>(g + rr * C, gv[u]);
+          nv = u + 1;
+        }
+      }
+      if constexpr (Backward) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          A b_dy = 0, b_dyx = 0;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (u < nv) {
+              const A gk = to_compute(gv[u][v]);
+              b_dy += gk;
+              b_dyx += gk * (to_compute(xv[u][v]) - mean_c[v]);
+            }
+          }
+          sdy[v] += static_cast<double>(b_dy);
+          sdyx[v] += static_cast<double>(b_dyx);
+        }
+      } else {
+        if (n == 0) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) shift[v] = to_compute(xv[0][v]);
+        }
+        const A inv_nb = A(1) / static_cast<A>(nv);
+        const A r_merge = static_cast<A>(nv) / static_cast<A>(n + nv);
+        const A n_r = static_cast<A>(n) * r_merge;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          A bs = 0;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (u < nv) bs += to_compute(xv[u][v]) - shift[v];
+          }
+          const A bm = bs * inv_nb;
+          A b2 = 0;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (u < nv) {
+              const A t = (to_compute(xv[u][v]) - shift[v]) - bm;
+              b2 += t * t;
+            }
+          }
+          const A delta = bm - d[v];
+          d[v] += delta * r_merge;
+          m2[v] += b2 + delta * delta * n_r;
+        }
+        n += nv;
+      }
+    }
+  }
+
+  // Merge the row lanes of each column: shuffles inside the warp (lanes tc apart share the
+  // column), then the warps in order through shared memory.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if constexpr (Backward) {
+    __shared__ double sh_dy[kWarps][32][V], sh_dyx[kWarps][32][V];
+    for (int offset = 16; offset >= tc; offset /= 2) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        sdy[v] += __shfl_down_sync(0xffffffffu, sdy[v], offset);
+        sdyx[v] += __shfl_down_sync(0xffffffffu, sdyx[v], offset);
+      }
+    }
+    if (lane < tc) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        sh_dy[warp][lane][v] = sdy[v];
+        sh_dyx[warp][lane][v] = sdyx[v];
+      }
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < tc * V) {
+      const int cc = threadIdx.x / V, v = threadIdx.x % V;
+      double t_dy = 0.0, t_dyx = 0.0;
+      for (int w = 0; w < kWarps; ++w) {
+        t_dy += sh_dy[w][cc][v];
+        t_dyx += sh_dyx[w][cc][v];
+      }
+      const int64_t c = (static_cast<int64_t>(blockIdx.x) * tc + cc) * V + v;
+      if (c < C) {
+        double* out = a.partials + (c * a.splits + s) * 3;
+        out[0] = t_dy;
+        out[1] = t_dyx;
+        out[2] = 0.0;
+      }
+    }
+  } else {
+    __shared__ double sh_n[kWarps][32];
+    __shared__ double sh_mean[kWarps][32][V], sh_m2[kWarps][32][V];
+    double wn = static_cast<double>(n);
+    double wmean[V], wm2[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      wmean[v] = static_cast<double>(shift[v]) + static_cast<double>(d[v]);
+      wm2[v] = static_cast<double>(m2[v]);
+    }
+    for (int offset = 16; offset >= tc; offset /= 2) {
+      const double on = __shfl_down_sync(0xffffffffu, wn, offset);
+      const double nn = wn + on;
+      const double r = nn > 0.0 ? on / nn : 0.0;
+      const double n_r = wn * r;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const double om = __shfl_down_sync(0xffffffffu, wmean[v], offset);
+        const double om2 = __shfl_down_sync(0xffffffffu, wm2[v], offset);
+        const double delta = om - wmean[v];
+        wmean[v] += delta * r;
+        wm2[v] += om2 + delta * delta * n_r;
+      }
+      wn = nn;
+    }
+    if (lane < tc) {
+      sh_n[warp][lane] = wn;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        sh_mean[warp][lane][v] = wmean[v];
+        sh_m2[warp][lane][v] = wm2[v];
+      }
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < tc * V) {
+      const int cc = threadIdx.x / V, v = threadIdx.x % V;
+      Welford w{0.0, 0.0, 0.0};
+      for (int k = 0; k < kWarps; ++k) w = merge(w, Welford{sh_n[k][cc], sh_mean[k][cc][v], sh_m2[k][cc][v]});
+      const int64_t c = (static_cast<int64_t>(blockIdx.x) * tc + cc) * V + v;
+      if (c < C) {
+        double* out = a.partials + (c * a.splits + s) * 3;
+        out[0] = w.n;
+        out[1] = w.mean;
+        out[2] = w.m2;
+      }
+    }
+  }
+}
+
+// ---- finalize: one warp per channel, splits merged lane-strided then by a shuffle tree
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    stats_finalize_kernel(const double* __restrict__ partials, int64_t channels, int64_t splits, double eps,
+                          A* __restrict__ mean, A* __restrict__ var, A* __restrict__ invstd) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= channels) return;  // uniform per warp
+  Welford w{0.0, 0.0, 0.0};
+  for (int64_t s = lane; s < splits; s += 32) {
+    const double* p = partials + (c * splits + s) * 3;
+    w = merge(w, Welford{p[0], p[1], p[2]});
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) w = merge(w, shfl_down(w, offset));
+  if (lane == 0) {
+    // Empty channel (count 0): mean = var = 0, invstd = 1 / sqrt(eps); nothing divides by 0.
+    const A mean_c = static_cast<A>(w.n > 0.0 ? w.mean : 0.0);
+    const A var_c = static_cast<A>(w.n > 0.0 ? w.m2 / w.n : 0.0);
+    mean[c] = mean_c;
+    var[c] = var_c;
+    if (invstd != nullptr) invstd[c] = div_rn(A(1), sqrt_rn(add_rn(var_c, static_cast<A>(eps))));
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    sums_finalize_kernel(const double* __restrict__ partials, int64_t channels, int64_t splits, A* __restrict__ sum_dy,
+                         A* __restrict__ sum_dy_xmu) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= channels) return;
+  double a = 0.0, b = 0.0;
+  for (int64_t s = lane; s < splits; s += 32) {
+    const double* p = partials + (c * splits + s) * 3;
+    a += p[0];
+    b += p[1];
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
+  if (lane == 0) {
+    sum_dy[c] = static_cast<A>(a);
+    sum_dy_xmu[c] = static_cast<A>(b);
+  }
+}
+
+// ---- the per-channel helpers of batch_norm_cuda.h
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    invstd_kernel(const A* __restrict__ var, double eps, A* __restrict__ invstd, int64_t channels) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < channels) invstd[c] = div_rn(A(1), sqrt_rn(add_rn(var[c], static_cast<A>(eps))));
+}
+
+template <typename A, typename O>
+__global__ void __launch_bounds__(kThreads)
+    grad_affine_kernel(const A* __restrict__ sum_dy, const A* __restrict__ sum_dy_xmu, const A* __restrict__ invstd,
+                       O* __restrict__ grad_weight, O* __restrict__ grad_bias, int64_t channels) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= channels) return;
+  grad_weight[c] = from_compute<O>(mul_rn(sum_dy_xmu[c], invstd[c]));
+  grad_bias[c] = from_compute<O>(sum_dy[c]);
+}
+
+// ---- launchers
+
+const char* last_error() {
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+template <typename T, int V, bool Vector, bool Backward>
+void launch_reduce_kernel(const ReducePlan& p, const ReduceArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(p.splits));
+  if (p.channels_last) {
+    reduce_cl_kernel<T, V, Vector, Backward><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    reduce_nchw_kernel<T, V, Vector, Backward><<<grid, kThreads, 0, stream>>>(a);
+  }
+}
+
+template <typename T, bool Backward>
+void launch_reduce_typed(const ReducePlan& p, const ReduceArgs& a, cudaStream_t stream) {
+  constexpr int VM = kVec<T>;
+  if (p.vec == 1) {
+    launch_reduce_kernel<T, 1, false, Backward>(p, a, stream);
+  } else if (aligned16(a.x) && (!Backward || aligned16(a.dy))) {
+    launch_reduce_kernel<T, VM, true, Backward>(p, a, stream);
+  } else {
+    launch_reduce_kernel<T, VM, false, Backward>(p, a, stream);
+  }
+}
+
+// Pass 1 of either reduction; returns an error message for shapes the grid cannot hold.
+template <bool Backward>
+const char* launch_reduce(const BatchNormLayout& layout, DType dtype, const ReducePlan& p, const void* x,
+                          const void* dy, const void* mean, void* workspace, cudaStream_t stream) {
+  if (p.splits == 0) return nullptr;
+  if (p.tiles > kMaxGridX) return "fastreg.batch_norm: too many channels for one CUDA grid";
+  if (workspace == nullptr) return "fastreg.batch_norm: missing workspace";
+  ReduceArgs a{};
+  a.x = x;
+  a.dy = dy;
+  a.mean = mean;
+  a.partials = static_cast<double*>(workspace);
+  a.channels = layout.channels;
+  a.inner = layout.inner;
+  a.outer = layout.outer;
+  a.splits = p.splits;
+  a.split_len = p.split_len;
+  a.log2_tc = p.log2_tc;
+  if (!p.channels_last) {
+    a.inner_packs = layout.inner / p.vec;
+    a.step_rows = kThreads / a.inner_packs;
+    a.step_cols = kThreads % a.inner_packs;
+  }
+  switch (dtype) {
+    case DType::Float64: launch_reduce_typed<double, Backward>(p, a, stream); break;
+    case DType::Float32: launch_reduce_typed<float, Backward>(p, a, stream); break;
+    case DType::Float16: launch_reduce_typed<__half, Backward>(p, a, stream); break;
+    case DType::BFloat16: launch_reduce_typed<__nv_bfloat16, Backward>(p, a, stream); break;
+  }
+  return nullptr;
+}
+
+int64_t finalize_blocks(int64_t channels) { return ceil_div(channels, kWarps); }
+
+const char* check_channels(const BatchNormLayout& layout) {
+  if (layout.channels < 0 || finalize_blocks(layout.channels) > kMaxGridX) {
+    return "fastreg.batch_norm: too many channels for one CUDA grid";
+  }
+  return nullptr;
+}
+
+// Statistics into mean / var (and invstd when not nullptr).
+const char* run_stats(const BatchNormLayout& layout, DType dtype, const void* input, void* mean, void* var,
+                      void* invstd, double eps, void* workspace, cudaStream_t stream) {
+  if (const char* e = check_channels(layout)) return e;
+  if (layout.channels == 0) return nullptr;
+  const ReducePlan p = reduce_plan(layout, dtype);
+  if (const char* e = launch_reduce<false>(layout, dtype, p, input, nullptr, nullptr, workspace, stream)) return e;
+  const double* partials = static_cast<const double*>(workspace);
+  const auto blocks = static_cast<unsigned>(finalize_blocks(layout.channels));
+  if (dtype == DType::Float64) {
+    stats_finalize_kernel<double><<<blocks, kThreads, 0, stream>>>(
+        partials, layout.channels, p.splits, eps, static_cast<double*>(mean), static_cast<double*>(var),
+        static_cast<double*>(invstd));
+  } else {
+    stats_finalize_kernel<float><<<blocks, kThreads, 0, stream>>>(partials, layout.channels, p.splits, eps,
+                                                                  static_cast<float*>(mean), static_cast<float*>(var),
+                                                                  static_cast<float*>(invstd));
+  }
+  return last_error();
+}
+
+template <typename A>
+void launch_grad_affine(int64_t channels, DType out, const void* sum_dy, const void* sum_dy_xmu, const void* invstd,
+                        void* grad_weight, void* grad_bias, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>(ceil_div(channels, kThreads));
+  const A* a = static_cast<const A*>(sum_dy);
+  const A* b = static_cast<const A*>(sum_dy_xmu);
+  const A* i = static_cast<const A*>(invstd);
+  switch (out) {
+    case DType::Float64:
+      grad_affine_kernel<A, double><<<blocks, kThreads, 0, stream>>>(a, b, i, static_cast<double*>(grad_weight),
+                                                                     static_cast<double*>(grad_bias), channels);
+      break;
+    case DType::Float32:
+      grad_affine_kernel<A, float><<<blocks, kThreads, 0, stream>>>(a, b, i, static_cast<float*>(grad_weight),
+                                                                    static_cast<float*>(grad_bias), channels);
+      break;
+    case DType::Float16:
+      grad_affine_kernel<A, __half><<<blocks, kThreads, 0, stream>>>(a, b, i, static_cast<__half*>(grad_weight),
+                                                                     static_cast<__half*>(grad_bias), channels);
+      break;
+    case DType::BFloat16:
+      grad_affine_kernel<A, __nv_bfloat16><<<blocks, kThreads, 0, stream>>>(
+          a, b, i, static_cast<__nv_bfloat16*>(grad_weight), static_cast<__nv_bfloat16*>(grad_bias), channels);
+      break;
+  }
+}
+
+}  // namespace
+
+int64_t batch_norm_cuda_workspace_bytes(const BatchNormLayout& layout, DType dtype) {
+  const ReducePlan p = reduce_plan(layout, dtype);
+  return p.splits * layout.channels * 3 * static_cast<int64_t>(sizeof(double));
+}
+
+const char* batch_norm_stats_cuda(const BatchNormLayout& layout, DType dtype, const void* input, void* mean, void* var,
+                                  void* workspace, void* stream) {
+  return run_stats(layout, dtype, input, mean, var, nullptr, 0.0, workspace, static_cast<cudaStream_t>(stream));
+}
+
+const char* batch_norm_train_forward_cuda(const BatchNormLayout& layout, DType dtype, const void* input, void* output,
+                                          const void* weight, const void* bias, double eps, void* mean, void* var,
+                                          void* invstd, void* workspace, void* stream) {
+  if (const char* e = run_stats(layout, dtype, input, mean, var, invstd, eps, workspace,
+                                static_cast<cudaStream_t>(stream))) {
+    return e;
+  }
+  if (layout.numel() == 0) return nullptr;
+  const BatchNormAffine affine{mean, invstd, weight, bias};
+  return batch_norm_elemt_cuda(layout, dtype, input, output, affine, stream);
+}
+
+const char* batch_norm_backward_reduce_cuda(const BatchNormLayout& layout, DType dtype, const void* grad_output,
+                                            const void* input, const void* mean, void* sum_dy, void* sum_dy_xmu,
+                                            void* workspace, void* stream) {
+  if (const char* e = check_channels(layout)) return e;
+  if (layout.channels == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const ReducePlan p = reduce_plan(layout, dtype);
+  if (const char* e = launch_reduce<true>(layout, dtype, p, input, grad_output, mean, workspace, s)) return e;
+  const double* partials = static_cast<const double*>(workspace);
+  const auto blocks = static_cast<unsigned>(finalize_blocks(layout.channels));
+  if (dtype == DType::Float64) {
+    sums_finalize_kernel<double><<<blocks, kThreads, 0, s>>>(partials, layout.channels, p.splits,
+                                                             static_cast<double*>(sum_dy),
+                                                             static_cast<double*>(sum_dy_xmu));
+  } else {
+    sums_finalize_kernel<float><<<blocks, kThreads, 0, s>>>(partials, layout.channels, p.splits,
+                                                            static_cast<float*>(sum_dy),
+                                                            static_cast<float*>(sum_dy_xmu));
+  }
+  return last_error();
+}
+
+const char* batch_norm_invstd_cuda(int64_t channels, DType compute, const void* var, double eps, void* invstd,
+                                   void* stream) {
+  if (channels <= 0) return nullptr;
+  if (ceil_div(channels, kThreads) > kMaxGridX) return "fastreg.batch_norm: too many channels for one CUDA grid";
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const auto blocks = static_cast<unsigned>(ceil_div(channels, kThreads));
+  if (compute == DType::Float64) {
+    invstd_kernel<double><<<blocks, kThreads, 0, s>>>(static_cast<const double*>(var), eps, static_cast<double*>(invstd),
+                                                      channels);
+  } else {
+    invstd_kernel<float><<<blocks, kThreads, 0, s>>>(static_cast<const float*>(var), eps, static_cast<float*>(invstd),
+                                                     channels);
+  }
+  return last_error();
+}
+
+const char* batch_norm_grad_affine_cuda(int64_t channels, DType compute, DType out, const void* sum_dy,
+                                        const void* sum_dy_xmu, const void* invstd, void* grad_weight, void* grad_bias,
+                                        void* stream) {
+  if (channels <= 0) return nullptr;
+  if (ceil_div(channels, kThreads) > kMaxGridX) return "fastreg.batch_norm: too many channels for one CUDA grid";
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (compute == DType::Float64) {
+    launch_grad_affine<double>(channels, out, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, s);
+  } else {
+    launch_grad_affine<float>(channels, out, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, s);
+  }
+  return last_error();
+}
+
+}  // namespace fastreg
