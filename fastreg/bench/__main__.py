@@ -1,6 +1,6 @@
 """``python -m fastreg.bench`` / ``fastreg-bench``: run the benchmark cases and write a report.
 
-    python -m fastreg.bench [--set quick|full] [--device cpu|cuda] [--ops dropout,penalty]
+    python -m fastreg.bench [--set quick|full] [--device cpu|cuda] [--ops dropout,penalty,batch_norm]
                             [--out FOLDER] [--overwrite] [--compile | --no-compile] [--match TEXT]
     python -m fastreg.bench compare RUN_A RUN_B [--out FILE]
     python -m fastreg.bench report RUN          (re-render report.md, CSV and plots from raw.json)

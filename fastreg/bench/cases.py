@@ -7,6 +7,7 @@ all closed over the same inputs, so they run side by side on identical data.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +37,8 @@ class BuiltCase:
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "dropout", "penalty"
-    kind: str  # "fwd", "fwd_bwd", "value_grad"
+    op: str  # "dropout", "penalty", "batch_norm"
+    kind: str  # "fwd", "fwd_bwd", "value_grad", "train_fwd", "train_fwd_bwd", "eval_fwd"
     dtype: torch.dtype
     size: str  # label: "16M", "resnet50"
     numel: int  # elements (parameters) per call: the x axis of the plots
@@ -75,7 +76,9 @@ def op_names() -> list[str]:
 
 def _load_builtin_ops() -> None:
     # imported here, not at module top, so a broken op module cannot break the registry itself
-    from . import dropout_cases, penalty_cases  # noqa: F401
+    # in this order: a run goes through the ops in the order they registered
+    for module in ("dropout_cases", "penalty_cases", "batch_norm_cases"):
+        importlib.import_module(f".{module}", __package__)
 
 
 def compile_rule(bench_set: BenchSet, compile: str = "auto") -> Callable[[str], bool]:

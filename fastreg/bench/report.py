@@ -135,7 +135,7 @@ def op_section(op: str, rows: list[dict]) -> list[str]:
                 _case_cells(c)
                 + [fmt_bytes(c[i].get("saved_bytes")) if i in c and c[i]["status"] == "ok" else "" for i in impls]
                 for c in cases.values()
-                if next(iter(c.values()))["kind"] == "fwd"
+                if next(iter(c.values()))["kind"] in ("fwd", "train_fwd")
             ],
         )
     return lines + [""]
@@ -153,7 +153,7 @@ def gate_section(rows: list[dict]) -> list[str]:
         lines.append(
             f"All {len(checked)} rows passed the gate before being timed "
             "(fastreg and reference: bit-exact for the same rng_state; PyTorch: dropout semantics; "
-            "penalty: per-dtype tolerances)."
+            "penalty: per-dtype tolerances; batch norm: reference within per-dtype tolerances)."
         )
     if skipped:
         reasons = sorted({f"`{r['op']}`: {r['message']}" for r in skipped})
@@ -187,7 +187,8 @@ def markdown(info: dict, rows: list[dict], plot_note: str = "", plot_files: list
         "",
         "Method: docs/benchmark.md. Times are medians over rounds; `Nx` is the speedup over PyTorch eager "
         "measured in this run. GB/s counts the bytes an ideal kernel moves (dropout: read x + write y, and read dy + "
-        "write dx for fwd_bwd; penalty: read w, read g, write g). Raw samples: raw.json; every metric: results.csv.",
+        "write dx for fwd_bwd; penalty: read w, read g, write g; batch norm: read x + write y, and read x + read dy + "
+        "write dx for train_fwd_bwd). Raw samples: raw.json; every metric: results.csv.",
         "",
     ]
     lines += gate_section(rows)
@@ -207,7 +208,8 @@ def markdown(info: dict, rows: list[dict], plot_note: str = "", plot_files: list
 
 
 def plots(folder: Path, rows: list[dict]) -> tuple[list[str], str]:
-    """PNG per (op, kind, dtype): time and GB/s against size, one line per implementation."""
+    """PNG per (op, kind, dtype, variant): time and GB/s against size, one line per implementation.
+    A size label "SHAPE-VARIANT" (batch norm's "32x64x56x56-cl") plots each variant apart."""
     try:
         import matplotlib
 
@@ -221,8 +223,10 @@ def plots(folder: Path, rows: list[dict]) -> tuple[list[str], str]:
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         if row["status"] == "ok":
-            groups.setdefault((row["op"], row["kind"], row["dtype"]), []).append(row)
-    for (op, kind, dtype), group in groups.items():
+            variant = row["size"].rpartition("-")[2] if "-" in row["size"] else ""
+            label = f"{row['dtype']} {variant}".strip()  # "fp32", "fp32 cl"
+            groups.setdefault((row["op"], row["kind"], label), []).append(row)
+    for (op, kind, label), group in groups.items():
         figure, (ax_time, ax_bw) = plt.subplots(1, 2, figsize=(11, 4))
         for impl in dict.fromkeys(r["impl"] for r in group):
             points = sorted((r["numel"], r["median_ms"], r["gbps"]) for r in group if r["impl"] == impl)
@@ -234,12 +238,12 @@ def plots(folder: Path, rows: list[dict]) -> tuple[list[str], str]:
             yscale="log",
             xlabel="elements",
             ylabel="median ms per call",
-            title=f"{op} {kind} {dtype}: time",
+            title=f"{op} {kind} {label}: time",
         )
-        ax_bw.set(xscale="log", yscale="log", xlabel="elements", ylabel="GB/s", title=f"{op} {kind} {dtype}: bandwidth")
+        ax_bw.set(xscale="log", yscale="log", xlabel="elements", ylabel="GB/s", title=f"{op} {kind} {label}: bandwidth")
         ax_bw.legend(fontsize=8)
         figure.tight_layout()
-        name = f"{PLOTS}/{op}-{kind}-{dtype}.png"
+        name = f"{PLOTS}/{op}-{kind}-{label.replace(' ', '-')}.png"
         figure.savefig(folder / name, dpi=90)
         plt.close(figure)
         written.append(name)

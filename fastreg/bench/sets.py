@@ -35,6 +35,10 @@ class BenchSet:
     penalty_lists: dict[str, tuple[str, ...]]
     penalty_l1: float
     penalty_l2: float
+    #: batch-norm activations (N, C, H, W), per device type; each runs in every variant below
+    batch_norm_shapes: dict[str, tuple[tuple[int, int, int, int], ...]]
+    #: per device type: (dtype, layout) pairs, layout "nchw" or "cl" (channels_last)
+    batch_norm_variants: dict[str, tuple[tuple[torch.dtype, str], ...]]
     #: which case ids get a torch.compile row. Each is its own compile (20-60 s per graph on
     #: 2 CPU cores, several seconds on a GPU host), so sets choose a few; --compile means all.
     compile_cases: Callable[[str], bool]
@@ -43,6 +47,34 @@ class BenchSet:
 
 QUICK_TIMING = TimingPolicy(warmup=2, min_rounds=5, max_rounds=50, max_time_s=0.6, slow_cap_s=3.0, min_round_s=0.005)
 FULL_TIMING = TimingPolicy(warmup=3, min_rounds=10, max_rounds=100, max_time_s=1.0, slow_cap_s=10.0, min_round_s=0.002)
+
+
+def _bn_variants(*dtypes: torch.dtype) -> tuple[tuple[torch.dtype, str], ...]:
+    return tuple((dtype, layout) for dtype in dtypes for layout in ("nchw", "cl"))
+
+
+#: batch norm: the shapes of DESIGN.md's anchors (ResNet activations), plus the target shape
+CPU_BN_SHAPES = ((32, 64, 56, 56), (64, 256, 14, 14))
+#: quick CPU: fp32 in both layouts (the CPU target is fp32 NCHW); bf16 channels_last only, the
+#: layout CPU bf16 training uses: bf16 NCHW would add ~18 s to the 2-core run
+CPU_BN_VARIANTS = ((torch.float32, "nchw"), (torch.float32, "cl"), (torch.bfloat16, "cl"))
+GPU_BN_SHAPES = (
+    (256, 64, 56, 56),  # the H100 target shape (DESIGN.md section 10)
+    (32, 64, 112, 112),
+    (64, 128, 56, 56),
+    (256, 256, 14, 14),
+    (128, 512, 7, 7),
+    (8, 32, 224, 224),
+)
+
+
+def _full_compile_cases(case_id: str) -> bool:
+    if case_id.startswith("dropout"):
+        return case_id.endswith(("-1M", "-16M", "-128M"))
+    if case_id.startswith("batch_norm"):  # the training step only: 36 cases, a few seconds each on a GPU host
+        return case_id.startswith("batch_norm-train_fwd_bwd-")
+    return True
+
 
 SETS: dict[str, BenchSet] = {
     "quick": BenchSet(
@@ -54,6 +86,8 @@ SETS: dict[str, BenchSet] = {
         penalty_lists={"cpu": ("small",), "cuda": ("resnet50",)},
         penalty_l1=1e-5,
         penalty_l2=1e-4,
+        batch_norm_shapes={"cpu": CPU_BN_SHAPES, "cuda": CPU_BN_SHAPES},
+        batch_norm_variants={"cpu": CPU_BN_VARIANTS, "cuda": _bn_variants(torch.float32, torch.bfloat16)},
         compile_cases=lambda case_id: case_id == "dropout-fwd-fp32-1M",
         timing=QUICK_TIMING,
     ),
@@ -66,7 +100,12 @@ SETS: dict[str, BenchSet] = {
         penalty_lists={"cpu": ("small", "resnet50"), "cuda": ("resnet50", "gpt2_small")},
         penalty_l1=1e-5,
         penalty_l2=1e-4,
-        compile_cases=lambda case_id: not case_id.startswith("dropout") or case_id.endswith(("-1M", "-16M", "-128M")),
+        batch_norm_shapes={"cpu": CPU_BN_SHAPES, "cuda": GPU_BN_SHAPES},
+        batch_norm_variants={
+            "cpu": _bn_variants(torch.float32, torch.bfloat16),
+            "cuda": _bn_variants(torch.float32, torch.bfloat16, torch.float16),
+        },
+        compile_cases=_full_compile_cases,
         timing=FULL_TIMING,
     ),
 }
