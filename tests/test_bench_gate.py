@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastreg
-from fastreg.bench import dropout_cases, penalty_cases, pytest_glue, report
+from fastreg.bench import batch_norm_cases, dropout_cases, penalty_cases, pytest_glue, report
 from fastreg.bench.__main__ import main
 from fastreg.bench.cases import _OPS, BuiltCase, Case, register_op
 from fastreg.bench.dropout_cases import dropout_impl
@@ -234,3 +234,149 @@ def test_wrong_penalty_gradient_fails_its_row():
     assert rows["fastreg"].status == MISMATCH
     assert "fastreg penalty value vs reference" in rows["fastreg"].message
     assert math.isnan(rows["fastreg"].median_ms)
+
+
+# ---------------------------------------------------------------- batch norm
+
+BN_SHAPE = (4, 8, 6, 6)  # 144 values per channel: a biased variance is 0.35% off, well past the tolerance
+BN_IMPLS = ("torch_eager", "fastreg", "reference", "copy_inplace")
+
+
+def tiny_batch_norm_case(kind="train_fwd_bwd", layout="nchw", dtype=torch.float32, builder=batch_norm_cases.build):
+    return Case(
+        "batch_norm",
+        kind,
+        dtype,
+        batch_norm_cases.size_label(BN_SHAPE, layout),
+        math.prod(BN_SHAPE),
+        "cpu",
+        BN_IMPLS,
+        "torch_eager",
+        builder,
+        (("shape", BN_SHAPE), ("layout", layout)),
+    )
+
+
+def with_batch_norm(fn):
+    def build(case: Case) -> BuiltCase:
+        built = batch_norm_cases.build(case)
+        built.impls["fastreg"] = batch_norm_cases.batch_norm_impl(built.inputs, "fastreg", fn)
+        return built
+
+    return build
+
+
+def unbiased_normalisation(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """Normalises with the unbiased batch variance (the one the running variance takes)."""
+    var, mean = torch.var_mean(x, (0, 2, 3), correction=1, keepdim=True)
+    fastreg.functional.update_running_stats(running_mean, running_var, mean.flatten(), var.flatten(), momentum)
+    return (x - mean) * torch.rsqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+class UnnormalisedGradWeight(torch.autograd.Function):
+    """Right forward, right input and bias gradients; the weight's gradient uses x, not x-hat."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        out, mean, invstd, _var = torch.ops.fastreg.batch_norm_train(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x, _grad_weight, grad_bias = torch.ops.fastreg.batch_norm_backward(grad_out, x, mean, invstd, weight, True)
+        return grad_x, (grad_out * x).sum((0, 2, 3)), grad_bias, None
+
+
+def unnormalised_grad_weight(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    count = x.numel() // x.shape[1]
+    _out, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(x.detach(), None, None, eps)
+    fastreg.functional.update_running_stats(running_mean, running_var, mean, var * count / (count - 1), momentum)
+    return UnnormalisedGradWeight.apply(x, weight, bias, eps)
+
+
+def biased_running_var(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    out, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(x, weight, bias, eps)
+    fastreg.functional.update_running_stats(running_mean, running_var, mean, var, momentum)  # not n/(n-1)
+    return out
+
+
+def eval_updates_running_stats(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    fastreg.functional.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    return fastreg.functional.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+
+
+def contiguous_output(*args):
+    return fastreg.functional.batch_norm(*args).contiguous()
+
+
+@pytest.mark.parametrize("kind", batch_norm_cases.KINDS)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_correct_batch_norm_passes_and_is_timed(kind, layout, dtype):
+    case = tiny_batch_norm_case(kind, layout, dtype)
+    rows = rows_by_impl(run_case(case, TINY, progress=lambda _: None))
+    for name in BN_IMPLS:
+        assert rows[name].status == OK, rows[name].message
+        assert rows[name].median_ms > 0
+    n_bytes = math.prod(BN_SHAPE) * (4 if dtype == torch.float32 else 2)
+    assert rows["fastreg"].bytes_moved == (5 if kind == "train_fwd_bwd" else 2) * n_bytes
+    assert rows["fastreg"].speedup_vs_eager > 0
+    if kind == "eval_fwd":
+        assert math.isnan(rows["fastreg"].saved_bytes)  # not measured: inference saves nothing
+    else:
+        assert rows["fastreg"].saved_bytes >= 0
+
+
+@pytest.mark.parametrize(
+    "kind, layout, fn, expected",
+    [
+        ("train_fwd", "nchw", unbiased_normalisation, "fastreg output vs reference: Tensor-likes are not close!"),
+        ("train_fwd_bwd", "cl", unnormalised_grad_weight, "fastreg gradient of weight vs reference: Tensor-likes"),
+        ("train_fwd", "cl", biased_running_var, "fastreg running_var after one training forward vs reference:"),
+        ("eval_fwd", "nchw", eval_updates_running_stats, "fastreg output vs reference"),
+        (
+            "train_fwd_bwd",
+            "cl",
+            contiguous_output,
+            "fastreg output is contiguous (NCHW) with strides (288, 36, 6, 1), but the input is channels_last",
+        ),
+    ],
+    ids=["wrong-variance", "wrong-grad-weight", "biased-running-var", "eval-updates-stats", "loses-channels-last"],
+)
+def test_wrong_batch_norm_fails_its_row_and_is_not_timed(kind, layout, fn, expected):
+    case = tiny_batch_norm_case(kind, layout, builder=with_batch_norm(fn))
+    rows = rows_by_impl(run_case(case, TINY, progress=lambda _: None))
+    broken = rows["fastreg"]
+    assert broken.status == MISMATCH, broken.message
+    assert broken.message.startswith("correctness gate failed: " + expected), broken.message
+    assert math.isnan(broken.median_ms) and math.isnan(broken.gbps) and math.isnan(broken.speedup_vs_eager)
+    assert not broken.samples_ms
+    assert rows["torch_eager"].status == OK and rows["torch_eager"].median_ms > 0  # the others still run
+    assert rows["reference"].status == OK, rows["reference"].message
+
+
+def test_eval_must_leave_the_running_stats_alone():
+    def stats_drift(x, running_mean, running_var, weight, bias, training, momentum, eps):
+        out = fastreg.functional.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+        running_var.add_(1e-3)
+        return out
+
+    case = tiny_batch_norm_case("eval_fwd", builder=with_batch_norm(stats_drift))
+    broken = rows_by_impl(run_case(case, TINY, progress=lambda _: None))["fastreg"]
+    assert broken.status == MISMATCH
+    assert "fastreg running_var after eval: not bit-identical" in broken.message, broken.message
+
+
+@pytest.mark.parametrize("timed", [False, True])
+def test_batch_norm_pytest_item_fails_with_the_gate_message(timed):
+    case = tiny_batch_norm_case(builder=with_batch_norm(unnormalised_grad_weight))
+    pytest_glue._built.clear()
+    with pytest.raises(
+        pytest.fail.Exception,
+        match=r"batch_norm-train_fwd_bwd-fp32-4x8x6x6-nchw / fastreg: correctness gate failed: "
+        r"fastreg gradient of weight vs reference",
+    ):
+        pytest_glue.run_item(NeverCalledBenchmark(), case, "fastreg", TINY, timed)
+    pytest_glue._built.clear()
