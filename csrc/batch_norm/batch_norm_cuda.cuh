@@ -105,9 +105,13 @@ struct DivU64 {
     return r;
   }
 
-#if defined(__CUDACC__)
-  __device__ __forceinline__ uint64_t div(uint64_t n) const { return (__umul64hi(magic, n) + n) >> shift; }
+  __host__ __device__ __forceinline__ uint64_t div(uint64_t n) const {
+#if defined(__CUDA_ARCH__)
+    return (__umul64hi(magic, n) + n) >> shift;
+#else
+    return (static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * n) >> 64) + n) >> shift;
 #endif
+  }
 };
 
 }  // namespace bn_cuda
