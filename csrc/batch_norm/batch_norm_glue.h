@@ -16,6 +16,17 @@ inline at::ScalarType batch_norm_compute_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The dtype as Python prints it ("torch.float32"), as in the reference's messages.
+inline std::string batch_norm_dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kDouble: return "torch.float64";
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    default: return std::string("torch.") + c10::toString(st);
+  }
+}
+
 inline DType batch_norm_check_input(const at::Tensor& input, const char* op) {
   check_strided(input, op, "input");
   const DType dtype = kernel_dtype(input, op);
@@ -35,8 +46,8 @@ inline void batch_norm_check_channel(const at::Tensor& t, const at::Tensor& inpu
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ", input.device());
   const at::ScalarType st = t.scalar_type();
   TORCH_CHECK_TYPE(st == input.scalar_type() || st == batch_norm_compute_dtype(input.scalar_type()), op, ": ", name,
-                   " has dtype ", st, "; expected ", input.scalar_type(), " (the input's) or ",
-                   batch_norm_compute_dtype(input.scalar_type()));
+                   " has dtype ", batch_norm_dtype_name(st), "; expected ", batch_norm_dtype_name(input.scalar_type()),
+                   " (the input's) or ", batch_norm_dtype_name(batch_norm_compute_dtype(input.scalar_type())));
 }
 
 inline void batch_norm_check_optional_channel(const std::optional<at::Tensor>& t, const at::Tensor& input,
@@ -53,7 +64,8 @@ inline void batch_norm_check_grad_output(const at::Tensor& grad_output, const at
   TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(),
               " but input is on ", input.device());
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output has dtype ",
-                   grad_output.scalar_type(), " but input has dtype ", input.scalar_type());
+                   batch_norm_dtype_name(grad_output.scalar_type()), " but input has dtype ",
+                   batch_norm_dtype_name(input.scalar_type()));
   TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
               " but input has shape ", input.sizes());
 }
