@@ -1,0 +1,263 @@
+// The CPU batch-norm kernels on small buffers: statistics against a two-pass sum in long double,
+// element-wise results against the header's formulas evaluated here (bit for bit: same
+// arithmetic in the compute type), every walk (NCHW, channels-last, small inner, one large
+// channel), empty inputs, a large mean, and results that do not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../batch_norm/batch_norm_kernels.h"
+#include "check.h"
+
+// The kernels evaluate a * b + c without fused multiply-adds; so must the expected values.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+using namespace fastreg;
+
+namespace {
+
+// Deterministic pseudo-random values in [-1, 1) (an LCG: no <random> distribution differences).
+struct Lcg {
+  uint64_t state;
+  double next() {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<double>(state >> 11) / static_cast<double>(1ULL << 52) - 1.0;
+  }
+};
+
+template <typename T>
+std::vector<T> values(int64_t n, uint64_t seed, double mean = 0.25, double scale = 2.0) {
+  Lcg lcg{seed};
+  std::vector<T> v(n);
+  for (auto& e : v) e = static_cast<T>(mean + scale * lcg.next());
+  return v;
+}
+
+template <typename T>
+double as_double(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+double as_double<double>(double v) {
+  return v;
+}
+
+// Index of element (o, c, i) of the layout.
+inline int64_t at(const BatchNormLayout& l, int64_t o, int64_t c, int64_t i) { return (o * l.channels + c) * l.inner + i; }
+
+template <typename T>
+void exact_stats(const BatchNormLayout& l, const std::vector<T>& x, int64_t c, double& mean, double& var) {
+  long double sum = 0;
+  for (int64_t o = 0; o < l.outer; ++o)
+    for (int64_t i = 0; i < l.inner; ++i) sum += as_double(x[at(l, o, c, i)]);
+  const long double mu = sum / l.count();
+  long double sq = 0;
+  for (int64_t o = 0; o < l.outer; ++o)
+    for (int64_t i = 0; i < l.inner; ++i) {
+      const long double d = as_double(x[at(l, o, c, i)]) - mu;
+      sq += d * d;
+    }
+  mean = static_cast<double>(mu);
+  var = static_cast<double>(sq / l.count());
+}
+
+bool close(double got, double want, double rtol, double atol) { return std::fabs(got - want) <= atol + rtol * std::fabs(want); }
+
+template <typename T>
+DType dtype_of();
+template <>
+DType dtype_of<float>() {
+  return DType::Float32;
+}
+template <>
+DType dtype_of<double>() {
+  return DType::Float64;
+}
+template <>
+DType dtype_of<c10::BFloat16>() {
+  return DType::BFloat16;
+}
+
+// The layouts every test walks: NCHW-like, channels-last, a small inner (row walk with several
+// columns per channel), a row whose width is not a whole number of vectors, one large channel
+// (split across threads and into pieces), few channels with long runs.
+const BatchNormLayout kLayouts[] = {
+    {4, 3, 37},   {2, 5, 1000}, {50, 7, 1},  {9, 64, 1}, {6, 4, 3},
+    {1, 1, 70001}, {3, 2, 9000}, {1, 1, 1},  {2, 1, 5},  {33, 130, 1},
+};
+
+template <typename T>
+void check_forward(const BatchNormLayout& l, double rtol, double atol) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const std::vector<T> x = values<T>(l.numel(), 7 + l.numel());
+  std::vector<A> w(l.channels), b(l.channels);
+  for (int64_t c = 0; c < l.channels; ++c) {
+    w[c] = static_cast<A>(0.5 + 0.25 * c);
+    b[c] = static_cast<A>(0.125 * c - 1);
+  }
+  std::vector<A> mean(l.channels), var(l.channels), invstd(l.channels), mean2(l.channels), var2(l.channels);
+  std::vector<T> y(l.numel());
+  const double eps = 1e-5;
+  batch_norm_train_forward_cpu(l, dtype_of<T>(), x.data(), y.data(), w.data(), b.data(), eps, mean.data(), var.data(),
+                               invstd.data());
+  batch_norm_stats_cpu(l, dtype_of<T>(), x.data(), mean2.data(), var2.data());
+  int64_t wrong_stats = 0, wrong_y = 0;
+  for (int64_t c = 0; c < l.channels; ++c) {
+    double m, v;
+    exact_stats(l, x, c, m, v);
+    wrong_stats += !close(mean[c], m, rtol, atol) + !close(var[c], v, rtol, atol);
+    wrong_stats += mean[c] != mean2[c] || var[c] != var2[c];
+    wrong_stats += invstd[c] != A(1) / std::sqrt(var[c] + static_cast<A>(eps));
+    const A a = invstd[c] * w[c];
+    for (int64_t o = 0; o < l.outer; ++o)
+      for (int64_t i = 0; i < l.inner; ++i) {
+        const int64_t e = at(l, o, c, i);
+        const T want = static_cast<T>((static_cast<A>(x[e]) - mean[c]) * a + b[c]);
+        wrong_y += std::memcmp(&y[e], &want, sizeof(T)) != 0;
+      }
+  }
+  FASTREG_CHECK_EQ(wrong_stats, int64_t{0});
+  FASTREG_CHECK_EQ(wrong_y, int64_t{0});
+}
+
+template <typename T>
+void check_backward(const BatchNormLayout& l, double rtol, double atol) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const std::vector<T> x = values<T>(l.numel(), 11 + l.numel());
+  const std::vector<T> dy = values<T>(l.numel(), 13 + l.numel(), 0.0, 1.0);
+  std::vector<A> mean(l.channels), invstd(l.channels), w(l.channels);
+  for (int64_t c = 0; c < l.channels; ++c) {
+    mean[c] = static_cast<A>(0.1 * c);
+    invstd[c] = static_cast<A>(1.5 - 0.01 * c);
+    w[c] = static_cast<A>(c % 2 ? -0.75 : 1.25);
+  }
+  const BatchNormAffine affine{mean.data(), invstd.data(), w.data(), nullptr};
+  std::vector<A> sum_dy(l.channels), sum_dyx(l.channels), sum_dy2(l.channels), sum_dyx2(l.channels);
+  std::vector<T> dx(l.numel()), dx_eval(l.numel()), dx_elemt(l.numel());
+  batch_norm_backward_train_cpu(l, dtype_of<T>(), dy.data(), x.data(), dx.data(), affine, sum_dy.data(), sum_dyx.data());
+  batch_norm_backward_reduce_cpu(l, dtype_of<T>(), dy.data(), x.data(), mean.data(), sum_dy2.data(), sum_dyx2.data());
+  batch_norm_backward_elemt_cpu(l, dtype_of<T>(), dy.data(), x.data(), dx_eval.data(), affine, nullptr, nullptr, 0);
+  const int64_t count = 3 * l.count();  // as SyncBatchNorm passes the global count
+  batch_norm_backward_elemt_cpu(l, dtype_of<T>(), dy.data(), x.data(), dx_elemt.data(), affine, sum_dy.data(),
+                                sum_dyx.data(), count);
+  int64_t wrong_sums = 0, wrong_dx = 0;
+  for (int64_t c = 0; c < l.channels; ++c) {
+    long double s1 = 0, s2 = 0;
+    for (int64_t o = 0; o < l.outer; ++o)
+      for (int64_t i = 0; i < l.inner; ++i) {
+        const int64_t e = at(l, o, c, i);
+        s1 += as_double(dy[e]);
+        s2 += as_double(dy[e]) * (as_double(x[e]) - static_cast<double>(mean[c]));
+      }
+    wrong_sums += !close(sum_dy[c], static_cast<double>(s1), rtol, atol) + !close(sum_dyx[c], static_cast<double>(s2), rtol, atol);
+    wrong_sums += sum_dy[c] != sum_dy2[c] || sum_dyx[c] != sum_dyx2[c];
+    const A scale = invstd[c] * w[c];
+    for (const int64_t n : {l.count(), count}) {
+      const A mean_dy = sum_dy[c] / static_cast<A>(n);
+      const A proj = invstd[c] * invstd[c] * sum_dyx[c] / static_cast<A>(n);
+      const std::vector<T>& got = n == l.count() ? dx : dx_elemt;
+      for (int64_t o = 0; o < l.outer; ++o)
+        for (int64_t i = 0; i < l.inner; ++i) {
+          const int64_t e = at(l, o, c, i);
+          const A g = static_cast<A>(dy[e]);
+          const T want = static_cast<T>((g - mean_dy - (static_cast<A>(x[e]) - mean[c]) * proj) * scale);
+          wrong_dx += std::memcmp(&got[e], &want, sizeof(T)) != 0;
+          if (n == l.count()) {
+            const T want_eval = static_cast<T>(g * scale);
+            wrong_dx += std::memcmp(&dx_eval[e], &want_eval, sizeof(T)) != 0;
+          }
+        }
+    }
+  }
+  FASTREG_CHECK_EQ(wrong_sums, int64_t{0});
+  FASTREG_CHECK_EQ(wrong_dx, int64_t{0});
+}
+
+}  // namespace
+
+FASTREG_TEST(batch_norm_cpu_forward_float) {
+  for (const BatchNormLayout& l : kLayouts) check_forward<float>(l, 1e-6, 1e-7);
+}
+
+FASTREG_TEST(batch_norm_cpu_forward_double) {
+  for (const BatchNormLayout& l : kLayouts) check_forward<double>(l, 1e-13, 1e-15);
+}
+
+FASTREG_TEST(batch_norm_cpu_forward_bfloat16) {
+  for (const BatchNormLayout& l : kLayouts) check_forward<c10::BFloat16>(l, 1e-6, 1e-7);
+}
+
+FASTREG_TEST(batch_norm_cpu_backward_float) {
+  for (const BatchNormLayout& l : kLayouts) check_backward<float>(l, 1e-6, 1e-6);
+}
+
+FASTREG_TEST(batch_norm_cpu_backward_double) {
+  for (const BatchNormLayout& l : kLayouts) check_backward<double>(l, 1e-13, 1e-13);
+}
+
+FASTREG_TEST(batch_norm_cpu_backward_bfloat16) {
+  for (const BatchNormLayout& l : kLayouts) check_backward<c10::BFloat16>(l, 1e-6, 1e-6);
+}
+
+// 1e4 + U(-1, 1) in float: the variance (about 1/3) survives; sum(x^2) - sum(x)^2 would not.
+FASTREG_TEST(batch_norm_cpu_stats_large_mean) {
+  for (const BatchNormLayout& l : {BatchNormLayout{16, 8, 144}, BatchNormLayout{2304, 8, 1}, BatchNormLayout{1, 1, 100000}}) {
+    const std::vector<float> x = values<float>(l.numel(), 3, 1e4, 1.0);
+    std::vector<float> mean(l.channels), var(l.channels);
+    batch_norm_stats_cpu(l, DType::Float32, x.data(), mean.data(), var.data());
+    int64_t wrong = 0;
+    for (int64_t c = 0; c < l.channels; ++c) {
+      double m, v;
+      exact_stats(l, x, c, m, v);
+      wrong += !close(mean[c], m, 1e-7, 0) + !close(var[c], v, 1e-5, 0);
+    }
+    FASTREG_CHECK_EQ(wrong, int64_t{0});
+  }
+}
+
+// Nothing to reduce: mean = var = 0, invstd = 1 / sqrt(eps), sums 0, nothing written.
+FASTREG_TEST(batch_norm_cpu_empty) {
+  const BatchNormLayout l{0, 3, 0};
+  std::vector<float> mean(3, 9.f), var(3, 9.f), invstd(3, 9.f), sdy(3, 9.f), sdyx(3, 9.f);
+  batch_norm_train_forward_cpu(l, DType::Float32, nullptr, nullptr, nullptr, nullptr, 0.25, mean.data(), var.data(),
+                               invstd.data());
+  const BatchNormAffine affine{mean.data(), invstd.data(), nullptr, nullptr};
+  batch_norm_backward_train_cpu(l, DType::Float32, nullptr, nullptr, nullptr, affine, sdy.data(), sdyx.data());
+  batch_norm_elemt_cpu(l, DType::Float32, nullptr, nullptr, affine);
+  batch_norm_backward_elemt_cpu(l, DType::Float32, nullptr, nullptr, nullptr, affine, sdy.data(), sdyx.data(), 0);
+  int64_t wrong = 0;
+  for (int c = 0; c < 3; ++c) wrong += mean[c] != 0.f || var[c] != 0.f || invstd[c] != 2.f || sdy[c] != 0.f || sdyx[c] != 0.f;
+  FASTREG_CHECK_EQ(wrong, int64_t{0});
+}
+
+// Fixed blocks merged in a fixed order: one thread and two give the same bits.
+FASTREG_TEST(batch_norm_cpu_independent_of_threads) {
+  const int before = at::get_num_threads();
+  for (const BatchNormLayout& l : {BatchNormLayout{4, 3, 5000}, BatchNormLayout{3000, 24, 1}, BatchNormLayout{1, 1, 90001}}) {
+    const std::vector<float> x = values<float>(l.numel(), 5), dy = values<float>(l.numel(), 6);
+    std::vector<float> out[2][5];
+    std::vector<float> y[2], dx[2];
+    for (int run = 0; run < 2; ++run) {
+      at::set_num_threads(run == 0 ? 1 : 2);
+      for (auto& v : out[run]) v.assign(l.channels, 0.f);
+      y[run].assign(l.numel(), 0.f);
+      dx[run].assign(l.numel(), 0.f);
+      batch_norm_train_forward_cpu(l, DType::Float32, x.data(), y[run].data(), nullptr, nullptr, 1e-5,
+                                   out[run][0].data(), out[run][1].data(), out[run][2].data());
+      const BatchNormAffine affine{out[run][0].data(), out[run][2].data(), nullptr, nullptr};
+      batch_norm_backward_train_cpu(l, DType::Float32, dy.data(), x.data(), dx[run].data(), affine, out[run][3].data(),
+                                    out[run][4].data());
+    }
+    bool same = y[0] == y[1] && dx[0] == dx[1];
+    for (int k = 0; k < 5; ++k) same = same && out[0][k] == out[1][k];
+    FASTREG_CHECK(same);
+  }
+  at::set_num_threads(before);
+}
