@@ -56,7 +56,7 @@ def _bn_variants(*dtypes: torch.dtype) -> tuple[tuple[torch.dtype, str], ...]:
 #: batch norm: the shapes of DESIGN.md's anchors (ResNet activations), plus the target shape
 CPU_BN_SHAPES = ((32, 64, 56, 56), (64, 256, 14, 14))
 #: quick CPU: fp32 in both layouts (the CPU target is fp32 NCHW); bf16 channels_last only, the
-#: layout CPU bf16 training uses: bf16 NCHW would add ~18 s to the 2-core run
+#: layout CPU bf16 training uses: bf16 NCHW would add 15-20 s to the 2-core run
 CPU_BN_VARIANTS = ((torch.float32, "nchw"), (torch.float32, "cl"), (torch.bfloat16, "cl"))
 GPU_BN_SHAPES = (
     (256, 64, 56, 56),  # the H100 target shape (DESIGN.md section 10)
