@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -94,6 +95,18 @@ struct VecOf {
 
 struct IsaBase {
   static constexpr int kBytes = 32;
+  template <typename U32, typename U16>
+  static inline U32 widen16(const U16& v) {
+    return widen(v);
+  }
+  template <typename U16, typename U32>
+  static inline U16 narrow32(const U32& v) {
+    return narrow(v);
+  }
+  template <typename VD, typename VH>
+  static inline VD to_doubles(const VH& v) {
+    return __builtin_convertvector(v, VD);
+  }
   template <int N>
   static inline void stream(void* p, const void* v) {
     std::memcpy(p, v, N);
@@ -119,6 +132,28 @@ struct IsaBase {
 
 struct IsaAvx2 {
   static constexpr int kBytes = 32;
+  // GCC splits and re-joins these conversions when written with __builtin_convertvector.
+  template <typename U32, typename U16>
+  __attribute__((target("avx2"))) static inline U32 widen16(const U16& v) {
+    if constexpr (sizeof(U16) == 16) {
+      return bits_as<U32>(_mm256_cvtepu16_epi32(bits_as<__m128i>(v)));
+    } else {
+      return widen(v);
+    }
+  }
+  template <typename U16, typename U32>
+  __attribute__((target("avx2"))) static inline U16 narrow32(const U32& v) {
+    if constexpr (sizeof(U32) == 32) {
+      const __m256i w = bits_as<__m256i>(v);  // lanes <= 0xFFFF: unsigned saturation is exact
+      return bits_as<U16>(_mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+    } else {
+      return narrow(v);
+    }
+  }
+  template <typename VD, typename VH>
+  __attribute__((target("avx2"))) static inline VD to_doubles(const VH& v) {
+    return bits_as<VD>(_mm256_cvtps_pd(bits_as<__m128>(v)));
+  }
   template <int N>
   __attribute__((target("avx2"))) static inline void stream(void* p, const void* v) {
     if constexpr (N == 32) {
@@ -146,6 +181,26 @@ struct IsaAvx2 {
 
 struct IsaAvx512 {
   static constexpr int kBytes = 64;
+  template <typename U32, typename U16>
+  __attribute__((target("avx512f"))) static inline U32 widen16(const U16& v) {
+    if constexpr (sizeof(U16) == 32) {
+      return bits_as<U32>(_mm512_cvtepu16_epi32(bits_as<__m256i>(v)));
+    } else {
+      return widen(v);
+    }
+  }
+  template <typename U16, typename U32>
+  __attribute__((target("avx512f"))) static inline U16 narrow32(const U32& v) {
+    if constexpr (sizeof(U32) == 64) {
+      return bits_as<U16>(_mm512_cvtepi32_epi16(bits_as<__m512i>(v)));
+    } else {
+      return narrow(v);
+    }
+  }
+  template <typename VD, typename VH>
+  __attribute__((target("avx512f"))) static inline VD to_doubles(const VH& v) {
+    return bits_as<VD>(_mm512_cvtps_pd(bits_as<__m256>(v)));
+  }
   template <int N>
   __attribute__((target("avx512f"))) static inline void stream(void* p, const void* v) {
     if constexpr (N == 64) {
@@ -182,7 +237,11 @@ struct Io {
   using V = typename VecOf<A, Isa::kBytes>::type;
   using U16 = typename VecOf<uint16_t, kLanes * 2>::type;
   using U32 = typename VecOf<uint32_t, kLanes * 4>::type;
-  using VD = typename VecOf<double, kLanes * 8>::type;
+  // Native double vectors; a float vector widens into kHalves of them.
+  using VD = typename VecOf<double, Isa::kBytes>::type;
+  using VH = typename VecOf<A, Isa::kBytes / 2>::type;
+  static constexpr int kDLanes = Isa::kBytes / 8;
+  static constexpr int kHalves = std::is_same_v<A, double> ? 1 : 2;
   static constexpr int kStoreBytes = kLanes * static_cast<int>(sizeof(T));
 
   static inline V splat(A a) { return V{} + a; }
@@ -196,7 +255,7 @@ struct Io {
       U16 bits;
       std::memcpy(&bits, p, sizeof(bits));
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        return bits_as<V>(widen(bits) << 16);  // bfloat16 is a float's top half
+        return bits_as<V>(Isa::template widen16<U32>(bits) << 16);  // bfloat16 is a float's top half
       } else {
         return Isa::template halves_to_floats<V>(bits);
       }
@@ -218,7 +277,7 @@ struct Io {
         const U32 bits = bits_as<U32>(v);
         const U32 nan = bits_as<U32>(v != v);
         const U32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-        out = narrow((rounded & ~nan) | (0x7FC0u & nan));
+        out = Isa::template narrow32<U16>((rounded & ~nan) | (0x7FC0u & nan));
       } else {
         out = Isa::template floats_to_halves<U16>(v);
       }
@@ -268,13 +327,23 @@ struct Io {
     return s;
   }
 
-  // The kLanes lanes of a vector, as doubles (two registers' worth for float).
-  static inline VD wide(const V& v) {
-    if constexpr (std::is_same_v<A, double>) {
-      return v;
+  // The lanes of a vector as doubles, in lane order: kHalves registers. (One double vector of
+  // kLanes lanes instead would be wider than a register, and GCC keeps those on the stack.)
+  static inline void wide(const V& v, VD (&out)[kHalves]) {
+    if constexpr (kHalves == 1) {
+      out[0] = v;
     } else {
-      return __builtin_convertvector(v, VD);
+      VH lo, hi;
+      std::memcpy(&lo, &v, sizeof(VH));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(VH), sizeof(VH));
+      out[0] = Isa::template to_doubles<VD>(lo);
+      out[1] = Isa::template to_doubles<VD>(hi);
     }
+  }
+  static inline double foldd(const VD& acc) {
+    double s = 0.0;
+    for (int k = 0; k < kDLanes; ++k) s += acc[k];
+    return s;
   }
   static inline VD loadd(const double* p) {
     VD v;
@@ -302,12 +371,14 @@ struct ChannelWalk {
   int64_t pieces = 1;    // blocks per run when it does not
   int64_t piece = 0;     // elements per piece
   int64_t blocks = 0;    // per channel
+  int64_t ahead = 1;     // runs between a run and the one prefetched with it
 
   ChannelWalk(const BatchNormLayout& layout, int64_t block_elems)
       : outer(layout.outer), channels(layout.channels), inner(layout.inner) {
     if (layout.count() == 0) return;
     if (inner <= block_elems) {
       segments = std::max<int64_t>(1, block_elems / inner);
+      ahead = std::clamp<int64_t>(block_elems / 4 / inner, 1, 8);  // about 4 KB ahead
       piece = inner;
       blocks = (outer + segments - 1) / segments;
     } else {
@@ -323,17 +394,37 @@ struct ChannelWalk {
     return std::min(piece, inner - (b % pieces) * piece);
   }
 
-  template <class F>
-  __attribute__((always_inline)) inline void runs(int64_t c, int64_t b, F&& f) const {
+  // f(offset, length) for each run of block b of channel c; with kPrefetch, prefetch(offset,
+  // length) first for the run `ahead` runs further along the channel. The runs of a channel
+  // are `channels * inner` elements apart, short ones (NCHW with a small H x W) too short for
+  // the hardware prefetcher to ramp up on.
+  template <bool kPrefetch = false, class F, class P>
+  __attribute__((always_inline)) inline void runs(int64_t c, int64_t b, F&& f, P&& prefetch) const {
     if (pieces == 1) {
       const int64_t o1 = std::min(outer, (b + 1) * segments);
-      for (int64_t o = b * segments; o < o1; ++o) f((o * channels + c) * inner, inner);
+      for (int64_t o = b * segments; o < o1; ++o) {
+        if constexpr (kPrefetch) {
+          if (o + ahead < outer) prefetch(((o + ahead) * channels + c) * inner, inner);
+        }
+        f((o * channels + c) * inner, inner);
+      }
     } else {
       const int64_t o = b / pieces, start = (b % pieces) * piece;
       f((o * channels + c) * inner + start, std::min(piece, inner - start));
     }
   }
+  template <class F>
+  __attribute__((always_inline)) inline void runs(int64_t c, int64_t b, F&& f) const {
+    runs<false>(c, b, f, [](int64_t, int64_t) {});
+  }
 };
+
+// Up to 1 KB from p: the start of a run, whose rest the hardware prefetcher then follows.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_run(const T* p, int64_t len) {
+  const int64_t bytes = std::min<int64_t>(len * static_cast<int64_t>(sizeof(T)), 1024);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 3);
+}
 
 // Row walk: rows of `width` = C * inner contiguous elements; column j belongs to channel
 // j / inner. Blocks of block_rows rows, groups of group_blocks blocks.
@@ -417,22 +508,25 @@ struct RunOps {
   // sdy += dy, sdyx += dy * (x - mean), in double lanes: sum_dy_xmu cancels (it is about 0 when
   // dy does not depend on x), and fp32 products would leave errors of eps * sum |dy * (x - mean)|.
   // The loop reads two streams from memory, so the wider arithmetic costs no time.
-  static inline void reduce(const T* dy, const T* x, int64_t n, A mean, VD (&sdy)[2], VD (&sdyx)[2], double& t1,
-                            double& t2) {
+  static constexpr int H = IO::kHalves;
+  static inline void reduce_vec(const T* dy, const T* x, const VD& vm, VD* sdy, VD* sdyx) {
+    VD g[H], xv[H];
+    IO::wide(IO::load(dy), g);
+    IO::wide(IO::load(x), xv);
+    for (int h = 0; h < H; ++h) {
+      sdy[h] += g[h];
+      sdyx[h] += g[h] * (xv[h] - vm);
+    }
+  }
+  static inline void reduce(const T* dy, const T* x, int64_t n, A mean, VD (&sdy)[2 * H], VD (&sdyx)[2 * H],
+                            double& t1, double& t2) {
     const VD vm = VD{} + static_cast<double>(mean);
     int64_t i = 0;
     for (; i + 2 * L <= n; i += 2 * L) {
-      const VD g0 = IO::wide(IO::load(dy + i)), g1 = IO::wide(IO::load(dy + i + L));
-      sdy[0] += g0;
-      sdy[1] += g1;
-      sdyx[0] += g0 * (IO::wide(IO::load(x + i)) - vm);
-      sdyx[1] += g1 * (IO::wide(IO::load(x + i + L)) - vm);
+      reduce_vec(dy + i, x + i, vm, sdy, sdyx);
+      reduce_vec(dy + i + L, x + i + L, vm, sdy + H, sdyx + H);
     }
-    for (; i + L <= n; i += L) {
-      const VD g = IO::wide(IO::load(dy + i));
-      sdy[0] += g;
-      sdyx[0] += g * (IO::wide(IO::load(x + i)) - vm);
-    }
+    for (; i + L <= n; i += L) reduce_vec(dy + i, x + i, vm, sdy, sdyx);
     for (; i < n; ++i) {
       const double g = IO::load1(dy + i);
       t1 += g;
@@ -499,7 +593,9 @@ void stats_block(const ChannelWalk& walk, const void* input, int64_t c, int64_t 
   const double n = static_cast<double>(walk.block_count(b));
   V acc[4] = {};
   A tail = 0;
-  walk.runs(c, b, [&](int64_t offset, int64_t len) { R::sum(x + offset, len, acc, tail); });
+  walk.template runs<true>(
+      c, b, [&](int64_t offset, int64_t len) { R::sum(x + offset, len, acc, tail); },
+      [&](int64_t offset, int64_t len) { prefetch_run(x + offset, len); });
   const double total = IO::fold((acc[0] + acc[1]) + (acc[2] + acc[3])) + static_cast<double>(tail);
   const A m = static_cast<A>(total / n);
   V s1[2] = {}, s2[2] = {};
@@ -515,13 +611,24 @@ template <class IO>
 void reduce_block(const ChannelWalk& walk, const void* grad_output, const void* input, int64_t c, int64_t b,
                   typename IO::A mean, double* out) {
   using VD = typename IO::VD;
+  constexpr int H = IO::kHalves;
   const auto* dy = static_cast<const typename IO::Elem*>(grad_output);
   const auto* x = static_cast<const typename IO::Elem*>(input);
-  VD sdy[2] = {}, sdyx[2] = {};
+  VD sdy[2 * H] = {}, sdyx[2 * H] = {};
   double t1 = 0, t2 = 0;
-  walk.runs(c, b, [&](int64_t offset, int64_t len) { RunOps<IO>::reduce(dy + offset, x + offset, len, mean, sdy, sdyx, t1, t2); });
-  out[0] = IO::fold(sdy[0] + sdy[1]) + t1;
-  out[1] = IO::fold(sdyx[0] + sdyx[1]) + t2;
+  walk.template runs<true>(
+      c, b, [&](int64_t offset, int64_t len) { RunOps<IO>::reduce(dy + offset, x + offset, len, mean, sdy, sdyx, t1, t2); },
+      [&](int64_t offset, int64_t len) {
+        prefetch_run(dy + offset, len);
+        prefetch_run(x + offset, len);
+      });
+  double s1 = t1, s2 = t2;
+  for (int h = 0; h < 2 * H; ++h) {
+    s1 += IO::foldd(sdy[h]);
+    s2 += IO::foldd(sdyx[h]);
+  }
+  out[0] = s1;
+  out[1] = s2;
 }
 
 template <class IO>
@@ -530,10 +637,13 @@ void elemt_block(const ChannelWalk& walk, const void* input, void* output, int64
   using T = typename IO::Elem;
   const T* x = static_cast<const T*>(input);
   T* y = static_cast<T*>(output);
+  auto ahead = [&](int64_t o, int64_t len) { prefetch_run(x + o, len); };
   if (stream) {
-    walk.runs(c, b, [&](int64_t o, int64_t len) { RunOps<IO>::template elemt<true>(x + o, y + o, len, mean, a, bias); });
+    walk.template runs<true>(
+        c, b, [&](int64_t o, int64_t len) { RunOps<IO>::template elemt<true>(x + o, y + o, len, mean, a, bias); }, ahead);
   } else {
-    walk.runs(c, b, [&](int64_t o, int64_t len) { RunOps<IO>::template elemt<false>(x + o, y + o, len, mean, a, bias); });
+    walk.template runs<true>(
+        c, b, [&](int64_t o, int64_t len) { RunOps<IO>::template elemt<false>(x + o, y + o, len, mean, a, bias); }, ahead);
   }
 }
 
@@ -545,10 +655,16 @@ void backward_block(const ChannelWalk& walk, const void* grad_output, const void
   const T* x = static_cast<const T*>(input);
   T* dx = static_cast<T*>(grad_input);
   auto go = [&](auto training_tag, auto stream_tag) {
-    walk.runs(c, b, [&](int64_t o, int64_t len) {
-      RunOps<IO>::template backward<decltype(training_tag)::value, decltype(stream_tag)::value>(dy + o, x + o, dx + o,
-                                                                                                len, k);
-    });
+    constexpr bool kTraining = decltype(training_tag)::value;
+    walk.template runs<true>(
+        c, b,
+        [&](int64_t o, int64_t len) {
+          RunOps<IO>::template backward<kTraining, decltype(stream_tag)::value>(dy + o, x + o, dx + o, len, k);
+        },
+        [&](int64_t o, int64_t len) {
+          prefetch_run(dy + o, len);
+          if (kTraining) prefetch_run(x + o, len);
+        });
   };
   if (training) {
     stream ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
@@ -657,10 +773,16 @@ void row_reduce_group(const RowWalk& walk, const void* grad_output, const void* 
   const T* dy = static_cast<const T*>(grad_output);
   const T* x = static_cast<const T*>(input);
   int64_t i = begin, col = 0;
+  constexpr int H = IO::kHalves, DL = IO::kDLanes;
   for (; i + L <= end; i += L, col = next_col(col, step, width)) {
-    const VD gv = IO::wide(IO::load(dy + i));
-    IO::stored(sdy + col, IO::loadd(sdy + col) + gv);
-    IO::stored(sdyx + col, IO::loadd(sdyx + col) + gv * (IO::wide(IO::load(x + i)) - IO::loadd(mean + col)));
+    VD gv[H], xv[H];
+    IO::wide(IO::load(dy + i), gv);
+    IO::wide(IO::load(x + i), xv);
+    for (int h = 0; h < H; ++h) {
+      const int64_t p = col + h * DL;
+      IO::stored(sdy + p, IO::loadd(sdy + p) + gv[h]);
+      IO::stored(sdyx + p, IO::loadd(sdyx + p) + gv[h] * (xv[h] - IO::loadd(mean + p)));
+    }
   }
   for (; i < end; ++i, col = col + 1 == width ? 0 : col + 1) {
     const double gv = IO::load1(dy + i);
@@ -827,17 +949,34 @@ FASTREG_BN_ENTRIES(isa_avx2, IsaAvx2, __attribute__((target("arch=x86-64-v3"), f
 FASTREG_BN_ENTRIES(isa_avx512, IsaAvx512, __attribute__((target("arch=x86-64-v4"), flatten)))
 #endif
 
+// The widest ISA this CPU runs; FASTREG_BN_CPU_ISA=avx2|base caps it (to test the other
+// builds on an AVX-512 machine).
+enum class Isa { Base, Avx2, Avx512 };
+
+inline Isa chosen_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::Base;
+#if defined(FASTREG_BN_X86)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = Isa::Avx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
+      best = Isa::Avx512;
+    }
+#endif
+    const char* cap = std::getenv("FASTREG_BN_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "base") == 0) best = Isa::Base;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::Avx512) best = Isa::Avx2;
+    return best;
+  }();
+  return isa;
+}
+
 template <typename T>
 const Kernels<T>& kernels() {
   static const Kernels<T> chosen = [] {
 #if defined(FASTREG_BN_X86)
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return isa_avx512::kernels<T>();
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-      return isa_avx2::kernels<T>();
-    }
+    if (chosen_isa() == Isa::Avx512) return isa_avx512::kernels<T>();
+    if (chosen_isa() == Isa::Avx2) return isa_avx2::kernels<T>();
 #endif
     return isa_base::kernels<T>();
   }();
@@ -915,6 +1054,18 @@ inline A at_or(const void* p, int64_t c, A otherwise) {
   return p == nullptr ? otherwise : static_cast<const A*>(p)[c];
 }
 
+// Scratch of n elements starting on a cache line: the row walk's vector accesses to its
+// accumulators are then never split across lines.
+template <typename E>
+struct AlignedScratch {
+  std::vector<E> storage;
+  E* data;
+  explicit AlignedScratch(int64_t n) : storage(n + 64 / sizeof(E)) {
+    const auto address = reinterpret_cast<uintptr_t>(storage.data());
+    data = reinterpret_cast<E*>((address + 63) & ~uintptr_t{63});
+  }
+};
+
 // Per-channel (mean, var) in double over the row walk: groups in parallel, then merged in order
 // (columns across groups, then the inner columns of each channel).
 template <typename T>
@@ -925,8 +1076,8 @@ void row_stats(const BatchNormLayout& layout, const void* x, std::vector<double>
   const int64_t width = walk.width;
   std::vector<double> gmean(walk.groups * width), gm2(walk.groups * width);
   at::parallel_for(0, walk.groups, grain_for(walk.group_rows * width), [&](int64_t g0, int64_t g1) {
-    std::vector<A> scratch(3 * (width + kPad));
-    for (int64_t g = g0; g < g1; ++g) k.row_stats_group(walk, x, g, &gmean[g * width], &gm2[g * width], scratch.data());
+    AlignedScratch<A> scratch(3 * (width + kPad));
+    for (int64_t g = g0; g < g1; ++g) k.row_stats_group(walk, x, g, &gmean[g * width], &gm2[g * width], scratch.data);
   });
   std::vector<double> cm(gmean.begin(), gmean.begin() + width), cm2(gm2.begin(), gm2.begin() + width);
   double n = static_cast<double>(walk.group_end(0) - walk.group_begin(0));
@@ -970,9 +1121,9 @@ void row_reduce(const BatchNormLayout& layout, const void* dy, const void* x, co
   for (int64_t j = 0; j < width + kPad; ++j) mean_ext[j] = mean[(j % width) / walk.inner];
   std::vector<double> gdy(walk.groups * width), gdyx(walk.groups * width);
   at::parallel_for(0, walk.groups, grain_for(2 * walk.group_rows * width), [&](int64_t g0, int64_t g1) {
-    std::vector<double> scratch(2 * (width + kPad));
+    AlignedScratch<double> scratch(2 * (width + kPad));
     for (int64_t g = g0; g < g1; ++g) {
-      k.row_reduce_group(walk, dy, x, g, mean_ext.data(), &gdy[g * width], &gdyx[g * width], scratch.data());
+      k.row_reduce_group(walk, dy, x, g, mean_ext.data(), &gdy[g * width], &gdyx[g * width], scratch.data);
     }
   });
   std::vector<double> cdy(gdy.begin(), gdy.begin() + width), cdyx(gdyx.begin(), gdyx.begin() + width);
