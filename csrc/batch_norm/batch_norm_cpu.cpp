@@ -57,7 +57,6 @@ constexpr int64_t kRowInnerMax = 32;              // inner below this (and a bou
 constexpr int64_t kRowWidthMax = int64_t{1} << 20;
 constexpr int64_t kMaxBlockRows = 128;            // rows per fp32 column sum in a row block
 constexpr int64_t kGroupElems = int64_t{1} << 16; // row groups: the unit of parallel reduction
-constexpr int64_t kChunkElems = int64_t{1} << 16; // element-wise tasks of the row walk (multiple of 64)
 constexpr int64_t kTaskElems = int64_t{1} << 15;  // less work than this per task is not split
 constexpr int64_t kStreamBytes = int64_t{4} << 20;  // outputs this large bypass the caches
 constexpr int64_t kPad = 64;                      // extension of periodic column arrays (>= any vector width)
@@ -678,17 +677,21 @@ void backward_block(const ChannelWalk& walk, const void* grad_output, const void
 // columns, so rows need not be a whole number of vectors.
 
 // acc[j] (j < width) += acc[p] for every extended p >= width with p % width == j; clears them.
-template <typename A>
+// Vectors of kLanes lanes starting at a column < width reach at most width + kLanes - 1; when
+// rows are whole vectors they never pass width.
+template <int kLanes, typename A>
 inline void fold_periodic(A* acc, int64_t width) {
-  for (int64_t p = width; p < width + kPad; ++p) {
-    acc[p % width] += acc[p];
+  if (width % kLanes == 0) return;
+  for (int64_t p = width, j = 0; p < width + kLanes; ++p, j = j + 1 == width ? 0 : j + 1) {
+    acc[j] += acc[p];
     acc[p] = A(0);
   }
 }
 
-template <typename A>
+template <int kLanes, typename A>
 inline void extend_periodic(A* values, int64_t width) {
-  for (int64_t p = width; p < width + kPad; ++p) values[p] = values[p % width];
+  if (width % kLanes == 0) return;
+  for (int64_t p = width, j = 0; p < width + kLanes; ++p, j = j + 1 == width ? 0 : j + 1) values[p] = values[j];
 }
 
 // Column step of one vector, and the column after `col`.
@@ -718,13 +721,13 @@ void row_stats_group(const RowWalk& walk, const void* input, int64_t g, double* 
     int64_t i = 0, col = 0;
     for (; i + L <= len; i += L, col = next_col(col, step, width)) IO::storea(acc + col, IO::loada(acc + col) + IO::load(xb + i));
     for (; i < len; ++i, col = col + 1 == width ? 0 : col + 1) acc[col] += IO::load1(xb + i);
-    fold_periodic(acc, width);
+    fold_periodic<L>(acc, width);
     const double n = static_cast<double>(nr);
     for (int64_t j = 0; j < width; ++j) {
       m[j] = static_cast<A>(static_cast<double>(acc[j]) / n);
       acc[j] = A(0);
     }
-    extend_periodic(m, width);
+    extend_periodic<L>(m, width);
     for (i = 0, col = 0; i + L <= len; i += L, col = next_col(col, step, width)) {
       const V d = IO::load(xb + i) - IO::loada(m + col);
       IO::storea(acc + col, IO::loada(acc + col) + d);
@@ -735,8 +738,8 @@ void row_stats_group(const RowWalk& walk, const void* input, int64_t g, double* 
       acc[col] += d;
       s2[col] += d * d;
     }
-    fold_periodic(acc, width);
-    fold_periodic(s2, width);
+    fold_periodic<L>(acc, width);
+    fold_periodic<L>(s2, width);
     const double total = rows_done + n, f1 = n / total, f2 = rows_done * n / total;
     for (int64_t j = 0; j < width; ++j) {
       const double d1 = acc[j];
@@ -789,8 +792,8 @@ void row_reduce_group(const RowWalk& walk, const void* grad_output, const void* 
     sdy[col] += gv;
     sdyx[col] += gv * (static_cast<double>(IO::load1(x + i)) - mean[col]);
   }
-  fold_periodic(sdy, width);
-  fold_periodic(sdyx, width);
+  fold_periodic<L>(sdy, width);
+  fold_periodic<L>(sdyx, width);
   std::copy(sdy, sdy + width, gdy);
   std::copy(sdyx, sdyx + width, gdyx);
 }
@@ -1151,15 +1154,18 @@ std::vector<A> column_array(const RowWalk& walk, F&& per_channel) {
   return out;
 }
 
+// The element-wise passes of the row walk go over the reduction's groups, split among the
+// threads as the reduction split them, each thread's in reverse order: the rows a thread
+// reduced last are still in its caches.
 template <typename T>
 void row_elemt_all(const BatchNormLayout& layout, const void* x, void* y, const RowArrays<typename ComputeType<T>::type>& arr) {
   const Kernels<T>& k = kernels<T>();
   const RowWalk walk(layout, block_elems<T>());
   const bool stream = should_stream<T>(layout);
-  const int64_t numel = layout.numel();
-  const int64_t chunks = (numel + kChunkElems - 1) / kChunkElems;
-  at::parallel_for(0, chunks, grain_for(kChunkElems), [&](int64_t c0, int64_t c1) {
-    k.row_elemt(walk, x, y, c0 * kChunkElems, std::min(numel, c1 * kChunkElems), arr, stream);
+  at::parallel_for(0, walk.groups, grain_for(walk.group_rows * walk.width), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g1 - 1; g >= g0; --g) {
+      k.row_elemt(walk, x, y, walk.group_begin(g) * walk.width, walk.group_end(g) * walk.width, arr, stream);
+    }
     if (stream) store_fence();
   });
 }
@@ -1170,10 +1176,11 @@ void row_backward_all(const BatchNormLayout& layout, const void* dy, const void*
   const Kernels<T>& k = kernels<T>();
   const RowWalk walk(layout, block_elems<T>());
   const bool stream = should_stream<T>(layout);
-  const int64_t numel = layout.numel();
-  const int64_t chunks = (numel + kChunkElems - 1) / kChunkElems;
-  at::parallel_for(0, chunks, grain_for(kChunkElems), [&](int64_t c0, int64_t c1) {
-    k.row_backward(walk, dy, x, dx, c0 * kChunkElems, std::min(numel, c1 * kChunkElems), arr, training, stream);
+  at::parallel_for(0, walk.groups, grain_for(2 * walk.group_rows * walk.width), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g1 - 1; g >= g0; --g) {
+      k.row_backward(walk, dy, x, dx, walk.group_begin(g) * walk.width, walk.group_end(g) * walk.width, arr, training,
+                     stream);
+    }
     if (stream) store_fence();
   });
 }
