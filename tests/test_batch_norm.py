@@ -1,0 +1,403 @@
+"""Batch norm: agreement with torch.nn.functional.batch_norm and with the reference, memory
+formats, running statistics, modules, errors, and the ops under opcheck/gradcheck/compile."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastreg
+from fastreg import _loader
+from fastreg._library import has_kernel
+from fastreg.reference import batch_norm as ref
+from fastreg.testing import mismatch, opcheck
+
+from .helpers import DEVICES
+
+OPS = torch.ops.fastreg
+BN_OPS = (
+    "batch_norm_train",
+    "batch_norm_eval",
+    "batch_norm_stats",
+    "batch_norm_elemt",
+    "batch_norm_backward",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+)
+REFERENCE_BACKEND = os.environ.get("FASTREG_BACKEND", "auto").strip().lower() == "reference"
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Against torch (a different summation order, and torch rounds 16-bit intermediate results).
+VS_TORCH = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-4, 2e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (4e-2, 4e-2),
+}
+
+
+def use_kernels(device: str) -> None:
+    """Fail when the compiled kernels of ``device`` are not active, unless the reference is forced."""
+    if REFERENCE_BACKEND:
+        return
+    loaded = _loader.load_kernels(device)
+    missing = [name for name in BN_OPS if not has_kernel(name, device)]
+    assert loaded and not missing, f"no {device} kernel for {missing}: {_loader.STATE.reason}"
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values in another memory layout."""
+    if kind == "contiguous":
+        return x.contiguous()
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if kind == "permuted":  # channels innermost-but-one, batch innermost: neither NCHW nor NHWC
+        dims = list(range(x.dim()))
+        order = dims[2:] + [1, 0]
+        return x.permute(order).contiguous().permute([order.index(d) for d in dims])
+    if kind == "sliced":  # a view with gaps: the ops copy it to a dense layout
+        wide = torch.cat([x, x], dim=-1)
+        return wide[..., : x.shape[-1]]
+    raise ValueError(kind)
+
+
+def sample(shape, dtype, device, seed=0, mean=0.5, std=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(device=device, dtype=dtype)
+
+
+def assert_close(actual, expected, dtype):
+    rtol, atol = VS_TORCH[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+SHAPES = [(6, 3), (5, 4, 7), (4, 3, 5, 6), (2, 3, 4, 5, 3), (3, 1, 4, 4), (1, 5, 3, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_training_matches_torch(device, dtype, shape, affine):
+    use_kernels(device)
+    c = shape[1]
+    x = sample(shape, dtype, device).requires_grad_()
+    w = sample((c,), dtype, device, seed=1).requires_grad_() if affine else None
+    b = sample((c,), dtype, device, seed=2).requires_grad_() if affine else None
+    stats = [sample((c,), dtype, device, seed=3), sample((c,), dtype, device, seed=4).abs() + 0.5]
+    torch_stats = [s.clone() for s in stats]
+    y = fastreg.functional.batch_norm(x, *stats, w, b, True, 0.1, 1e-5)
+    expected = F.batch_norm(x, *torch_stats, w, b, True, 0.1, 1e-5)
+    assert_close(y, expected, dtype)
+    assert_close(stats[0], torch_stats[0], dtype)
+    assert_close(stats[1], torch_stats[1], dtype)
+    dy = sample(shape, dtype, device, seed=5)
+    inputs = (x, w, b) if affine else (x,)
+    grads = torch.autograd.grad(y, inputs, dy)
+    expected_grads = torch.autograd.grad(expected, inputs, dy)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5, 6), (2, 3, 4, 5, 3)])
+def test_eval_matches_torch(device, dtype, shape):
+    use_kernels(device)
+    c = shape[1]
+    x = sample(shape, dtype, device).requires_grad_()
+    w = sample((c,), dtype, device, seed=1).requires_grad_()
+    b = sample((c,), dtype, device, seed=2).requires_grad_()
+    rm, rv = sample((c,), dtype, device, seed=3), sample((c,), dtype, device, seed=4).abs() + 0.5
+    y = fastreg.functional.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
+    expected = F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
+    assert_close(y, expected, dtype)
+    dy = sample(shape, dtype, device, seed=5)
+    for got, want in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(expected, (x, w, b), dy)):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "permuted", "sliced"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (2, 6, 3, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_formats(device, kind, shape, dtype):
+    """Values as for a contiguous input; output and grad_input laid out as torch lays them out."""
+    use_kernels(device)
+    base = sample(shape, dtype, device)
+    x = layout(base, kind).requires_grad_()
+    w, b = sample((shape[1],), torch.float32, device, seed=1), sample((shape[1],), torch.float32, device, seed=2)
+    y = fastreg.functional.batch_norm(x, None, None, w, b, True)
+    expected = F.batch_norm(x, None, None, w.to(dtype), b.to(dtype), True)
+    assert_close(y, expected, dtype)
+    if kind != "sliced":
+        assert y.stride() == x.stride()
+    dy = layout(sample(shape, dtype, device, seed=5), kind)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    (want,) = torch.autograd.grad(expected, x, dy)
+    assert_close(gx, want, dtype)
+    if kind != "sliced":
+        assert gx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_parameters_with_16bit_input(device, dtype):
+    """As under autocast: 16-bit activations, float32 weight, bias and running statistics."""
+    use_kernels(device)
+    x = sample((8, 4, 6, 6), dtype, device).requires_grad_()
+    w = sample((4,), torch.float32, device, seed=1).requires_grad_()
+    b = sample((4,), torch.float32, device, seed=2).requires_grad_()
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = fastreg.functional.batch_norm(x, rm, rv, w, b, True)
+    expected = F.batch_norm(x, rm2, rv2, w, b, True)
+    assert y.dtype == dtype
+    assert_close(y, expected, dtype)
+    torch.testing.assert_close(rm, rm2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv, rv2, rtol=1e-5, atol=1e-6)
+    dy = sample(x.shape, dtype, device, seed=5)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32]
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, w, b), dy)):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_kernels_match_reference(device, dtype, kind):
+    """Every op against the reference, with the tolerance table the benchmark uses."""
+    use_kernels(device)
+    shape = (5, 6, 7, 9)
+    x = layout(sample(shape, dtype, device), kind)
+    dy = layout(sample(shape, dtype, device, seed=5), kind)
+    w, b = sample((6,), dtype, device, seed=1), sample((6,), dtype, device, seed=2)
+    rm, rv = sample((6,), dtype, device, seed=3), sample((6,), dtype, device, seed=4).abs() + 0.5
+    train = OPS.batch_norm_train(x, w, b, 1e-5)
+    assert mismatch(train, ref.batch_norm_train(x, w, b, 1e-5)) is None
+    mean, invstd = train[1], train[2]
+    cases = [
+        (OPS.batch_norm_eval(x, rm, rv, w, b, 1e-5), ref.batch_norm_eval(x, rm, rv, w, b, 1e-5)),
+        (OPS.batch_norm_stats(x), ref.batch_norm_stats(x)),
+        (OPS.batch_norm_elemt(x, mean, invstd, w, None), ref.batch_norm_elemt(x, mean, invstd, w, None)),
+        (OPS.batch_norm_backward_reduce(dy, x, mean), ref.batch_norm_backward_reduce(dy, x, mean)),
+    ]
+    for training in (True, False):
+        cases.append(
+            (
+                OPS.batch_norm_backward(dy, x, mean, invstd, w, training),
+                ref.batch_norm_backward(dy, x, mean, invstd, w, training),
+            )
+        )
+    sums = ref.batch_norm_backward_reduce(dy, x, mean)
+    count = x.numel() // 6 * 3  # as if two more processes held the same batch (SyncBatchNorm)
+    cases.append(
+        (
+            OPS.batch_norm_backward_elemt(dy, x, mean, invstd, w, *sums, count),
+            ref.batch_norm_backward_elemt(dy, x, mean, invstd, w, *sums, count),
+        )
+    )
+    for i, (got, want) in enumerate(cases):
+        assert mismatch(got, want) is None, f"case {i}: {mismatch(got, want)}"
+    for got, want in zip(train, (None,) + tuple(train[1:])):
+        if want is not None:
+            assert got.dtype == ref.compute_dtype(dtype) and got.shape == (6,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_statistics_are_stable_for_a_large_mean(device, kind):
+    """1e4 + N(0, 1) in float32: sum(x^2) - sum(x)^2 would lose every digit of the variance."""
+    use_kernels(device)
+    x = layout(sample((16, 8, 12, 12), torch.float32, device, mean=1e4, std=1.0), kind)
+    mean, var = OPS.batch_norm_stats(x)
+    want_var, want_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=0)
+    y = OPS.batch_norm_train(x, None, None, 1e-5)[0]
+    torch.testing.assert_close(
+        y.double().std(), torch.tensor(1.0, dtype=torch.float64, device=device), rtol=1e-3, atol=0
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_results_are_deterministic(device, kind):
+    use_kernels(device)
+    x = layout(sample((8, 16, 20, 20), torch.float32, device), kind)
+    dy = layout(sample((8, 16, 20, 20), torch.float32, device, seed=5), kind)
+    first = OPS.batch_norm_train(x, None, None, 1e-5)
+    back = OPS.batch_norm_backward(dy, x, first[1], first[2], None, True)
+    for _ in range(3):
+        assert mismatch(OPS.batch_norm_train(x, None, None, 1e-5), first, exact=True) is None
+        assert mismatch(OPS.batch_norm_backward(dy, x, first[1], first[2], None, True), back, exact=True) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 5), (2, 5, 7), (2, 5, 3, 4)])
+def test_gradcheck(device, shape):
+    x = sample(shape, torch.float64, device).requires_grad_()
+    w = sample((5,), torch.float64, device, seed=1).requires_grad_()
+    b = sample((5,), torch.float64, device, seed=2).requires_grad_()
+    rm, rv = sample((5,), torch.float64, device, seed=3), sample((5,), torch.float64, device, seed=4).abs() + 0.5
+
+    def train(x, w, b):
+        return fastreg.functional.batch_norm(x, None, None, w, b, True)
+
+    def evaluate(x, w, b):
+        return fastreg.functional.batch_norm(x, rm, rv, w, b, False)
+
+    assert torch.autograd.gradcheck(train, (x, w, b))
+    assert torch.autograd.gradcheck(evaluate, (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = sample((3, 4, 5, 2), torch.float32, device)
+    dy = sample((3, 4, 5, 2), torch.float32, device, seed=5)
+    w = sample((4,), torch.float32, device, seed=1).requires_grad_()
+    b = sample((4,), torch.float32, device, seed=2).requires_grad_()
+    rm, rv = sample((4,), torch.float32, device, seed=3), sample((4,), torch.float32, device, seed=4).abs() + 0.5
+    mean, var = ref.batch_norm_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    xg = x.clone().requires_grad_()
+    opcheck(OPS.batch_norm_train.default, (xg, w, b, 1e-5))
+    opcheck(OPS.batch_norm_train.default, (x.to(memory_format=torch.channels_last), None, None, 1e-5))
+    opcheck(OPS.batch_norm_eval.default, (xg, rm, rv, w, b, 1e-5))
+    opcheck(OPS.batch_norm_stats.default, (x,))
+    opcheck(OPS.batch_norm_elemt.default, (x, mean, invstd, w.detach(), None))
+    opcheck(OPS.batch_norm_backward.default, (dy, x, mean, invstd, w.detach(), True))
+    opcheck(OPS.batch_norm_backward_reduce.default, (dy, x, mean))
+    opcheck(OPS.batch_norm_backward_elemt.default, (dy, x, mean, invstd, None, mean, var, 30))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_compiles_fullgraph(device):
+    torch._dynamo.reset()
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), fastreg.BatchNorm2d(4)).to(device)
+    compiled_model = nn.Sequential(nn.Conv2d(3, 4, 3), fastreg.BatchNorm2d(4)).to(device)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = sample((4, 3, 8, 8), torch.float32, device)
+    for _ in range(2):
+        y_eager, y_compiled = eager(x), compiled(x)
+        torch.testing.assert_close(y_compiled, y_eager)
+        y_eager.square().sum().backward()
+        y_compiled.square().sum().backward()
+    torch.testing.assert_close(compiled_model[1].running_var, eager[1].running_var)
+    torch.testing.assert_close(compiled_model[1].weight.grad, eager[1].weight.grad)
+    assert int(compiled_model[1].num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_module_matches_torch_over_steps(device, momentum, affine, track):
+    use_kernels(device)
+    kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track, device=device)
+    theirs, ours = nn.BatchNorm2d(5, **kwargs), fastreg.BatchNorm2d(5, **kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    for step in range(3):
+        x = sample((4, 5, 3, 3), torch.float32, device, seed=step, mean=step)
+        assert_close(ours(x), theirs(x), torch.float32)
+    for name, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[name].float(), value.float(), torch.float32)
+    ours.eval(), theirs.eval()
+    x = sample((2, 5, 3, 3), torch.float32, device, seed=9)
+    assert_close(ours(x), theirs(x), torch.float32)
+
+
+def test_module_classes_and_shapes():
+    assert isinstance(fastreg.BatchNorm1d(3), nn.BatchNorm1d)
+    assert isinstance(fastreg.BatchNorm3d(3), nn.BatchNorm3d)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fastreg.BatchNorm2d(3)(torch.randn(2, 3))
+    bn1 = fastreg.BatchNorm1d(3)
+    assert bn1(torch.randn(4, 3)).shape == (4, 3)
+    assert bn1(torch.randn(4, 3, 7)).shape == (4, 3, 7)
+
+
+def test_convert_swaps_batch_norm_in_place():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm1d(4)))
+    model[1].running_mean.fill_(0.25)
+    bn = model[1]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fastreg.convert(model) is model
+    assert model[1] is bn and type(bn) is fastreg.BatchNorm2d
+    assert type(model[2][0]) is fastreg.BatchNorm1d
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+    class MyNorm(nn.BatchNorm2d):
+        pass
+
+    mine = fastreg.convert(nn.Sequential(MyNorm(4)))
+    assert type(mine[0]) is MyNorm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x = torch.empty(0, 3, 4, 4, device=device, requires_grad=True)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = fastreg.functional.batch_norm(x, rm, rv, training=True)
+    assert y.shape == x.shape
+    assert torch.equal(rm, torch.zeros(3, device=device)) and torch.equal(rv, torch.ones(3, device=device))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    mean, var = OPS.batch_norm_stats(x.detach())
+    assert torch.equal(mean, torch.zeros(3, device=device)) and torch.equal(var, torch.zeros(3, device=device))
+
+
+def test_errors():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fastreg.functional.batch_norm(torch.randn(1, 3), None, None, training=True)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        fastreg.functional.batch_norm(x, None, None, training=True, eps=0.0)
+    with pytest.raises(RuntimeError, match="running_mean and running_var must be given"):
+        fastreg.functional.batch_norm(x, None, None, training=False)
+    with pytest.raises(TypeError, match="expected a floating-point tensor"):
+        OPS.batch_norm_train(torch.ones(4, 3, dtype=torch.int32), None, None, 1e-5)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        OPS.batch_norm_train(torch.randn(5), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="must be 1-D with 3 elements"):
+        OPS.batch_norm_train(x, torch.ones(4), None, 1e-5)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        OPS.batch_norm_train(x, torch.ones(3, dtype=torch.float64), None, 1e-5)
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        OPS.batch_norm_train(x, None, None, float("nan"))
+    with pytest.raises(RuntimeError, match="grad_output has shape"):
+        OPS.batch_norm_backward(torch.randn(4, 3), x, torch.zeros(3), torch.ones(3), None, True)
+    with pytest.raises(RuntimeError, match="strided"):
+        OPS.batch_norm_train(torch.randn(4, 3).to_sparse(), None, None, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch_is_an_error():
+    x = torch.randn(4, 3, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="weight is on cpu but input is on cuda"):
+        OPS.batch_norm_train(x, torch.ones(3), None, 1e-5)
+    with pytest.raises(RuntimeError, match="is on cuda"):
+        OPS.batch_norm_train(x.cpu(), torch.ones(3, device="cuda"), None, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture():
+    use_kernels("cuda")
+    bn = fastreg.BatchNorm2d(8).cuda()
+    x = sample((16, 8, 10, 10), torch.float32, "cuda")
+    bn(x)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = bn(x)
+    before = bn.running_mean.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, F.batch_norm(x, None, None, bn.weight, bn.bias, True), torch.float32)
+    assert not torch.equal(bn.running_mean, before)
