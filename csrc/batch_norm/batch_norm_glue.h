@@ -70,6 +70,79 @@ inline void batch_norm_check_grad_output(const at::Tensor& grad_output, const at
               " but input has shape ", input.sizes());
 }
 
+// Every argument check of each op, in the reference's order; the CPU and CUDA glue call these
+// before any allocation or device guard. Each returns the input's kernel dtype.
+inline DType batch_norm_check_train_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& bias, double eps) {
+  const char* op = "fastreg.batch_norm";
+  const DType dtype = batch_norm_check_input(input, op);
+  batch_norm_check_optional_channel(weight, input, op, "weight");
+  batch_norm_check_optional_channel(bias, input, op, "bias");
+  batch_norm_check_eps(eps, op);
+  return dtype;
+}
+
+inline DType batch_norm_check_eval_args(const at::Tensor& input, const at::Tensor& running_mean,
+                                        const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, double eps) {
+  const char* op = "fastreg.batch_norm";
+  const DType dtype = batch_norm_check_input(input, op);
+  batch_norm_check_channel(running_mean, input, op, "running_mean");
+  batch_norm_check_channel(running_var, input, op, "running_var");
+  batch_norm_check_optional_channel(weight, input, op, "weight");
+  batch_norm_check_optional_channel(bias, input, op, "bias");
+  batch_norm_check_eps(eps, op);
+  return dtype;
+}
+
+inline DType batch_norm_check_elemt_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "fastreg.batch_norm_elemt";
+  const DType dtype = batch_norm_check_input(input, op);
+  batch_norm_check_channel(mean, input, op, "mean");
+  batch_norm_check_channel(invstd, input, op, "invstd");
+  batch_norm_check_optional_channel(weight, input, op, "weight");
+  batch_norm_check_optional_channel(bias, input, op, "bias");
+  return dtype;
+}
+
+inline DType batch_norm_check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                            const std::optional<at::Tensor>& weight) {
+  const char* op = "fastreg.batch_norm_backward";
+  const DType dtype = batch_norm_check_input(input, op);
+  batch_norm_check_grad_output(grad_output, input, op);
+  batch_norm_check_channel(mean, input, op, "mean");
+  batch_norm_check_channel(invstd, input, op, "invstd");
+  batch_norm_check_optional_channel(weight, input, op, "weight");
+  return dtype;
+}
+
+inline DType batch_norm_check_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                                   const at::Tensor& mean) {
+  const char* op = "fastreg.batch_norm_backward_reduce";
+  const DType dtype = batch_norm_check_input(input, op);
+  batch_norm_check_grad_output(grad_output, input, op);
+  batch_norm_check_channel(mean, input, op, "mean");
+  return dtype;
+}
+
+inline DType batch_norm_check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                                  const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
+                                                  const at::Tensor& sum_dy_xmu, int64_t count) {
+  const char* op = "fastreg.batch_norm_backward_elemt";
+  const DType dtype = batch_norm_check_input(input, op);
+  batch_norm_check_grad_output(grad_output, input, op);
+  batch_norm_check_channel(mean, input, op, "mean");
+  batch_norm_check_channel(invstd, input, op, "invstd");
+  batch_norm_check_optional_channel(weight, input, op, "weight");
+  batch_norm_check_channel(sum_dy, input, op, "sum_dy");
+  batch_norm_check_channel(sum_dy_xmu, input, op, "sum_dy_xmu");
+  TORCH_CHECK_VALUE(count > 0 || input.numel() == 0, op, ": count must be > 0, got ", count);
+  return dtype;
+}
+
 // Per-channel array in the compute dtype, contiguous (a no-op when it already is). Undefined
 // stays undefined (the kernels read nullptr as weight 1 / bias 0).
 inline at::Tensor batch_norm_channel_array(const std::optional<at::Tensor>& t, at::ScalarType compute) {

@@ -17,11 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
                                                                                 const std::optional<at::Tensor>& weight,
                                                                                 const std::optional<at::Tensor>& bias,
                                                                                 double eps) {
-  const char* op = "fastreg.batch_norm";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_optional_channel(bias, input, op, "bias");
-  batch_norm_check_eps(eps, op);
+  const DType dtype = batch_norm_check_train_args(input, weight, bias, eps);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor w = batch_norm_channel_array(weight, compute);
@@ -36,13 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
 at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                double eps) {
-  const char* op = "fastreg.batch_norm";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_channel(running_mean, input, op, "running_mean");
-  batch_norm_check_channel(running_var, input, op, "running_var");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_optional_channel(bias, input, op, "bias");
-  batch_norm_check_eps(eps, op);
+  const DType dtype = batch_norm_check_eval_args(input, running_mean, running_var, weight, bias, eps);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor mean = running_mean.to(compute).contiguous();
@@ -66,12 +56,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu_op(const at::Tensor& inp
 
 at::Tensor batch_norm_elemt_cpu_op(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
-  const char* op = "fastreg.batch_norm_elemt";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
-  batch_norm_check_channel(invstd, input, op, "invstd");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_optional_channel(bias, input, op, "bias");
+  const DType dtype = batch_norm_check_elemt_args(input, mean, invstd, weight, bias);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor m = batch_norm_channel_array(mean, compute);
@@ -89,12 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(const at:
                                                                        const at::Tensor& invstd,
                                                                        const std::optional<at::Tensor>& weight,
                                                                        bool training) {
-  const char* op = "fastreg.batch_norm_backward";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_grad_output(grad_output, input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
-  batch_norm_check_channel(invstd, input, op, "invstd");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
+  const DType dtype = batch_norm_check_backward_args(grad_output, input, mean, invstd, weight);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor dy = batch_norm_match_layout(grad_output, dense);
@@ -124,10 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(const at:
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu_op(const at::Tensor& grad_output,
                                                                      const at::Tensor& input, const at::Tensor& mean) {
-  const char* op = "fastreg.batch_norm_backward_reduce";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_grad_output(grad_output, input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
+  const DType dtype = batch_norm_check_backward_reduce_args(grad_output, input, mean);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor dy = batch_norm_match_layout(grad_output, dense);
@@ -142,15 +119,8 @@ at::Tensor batch_norm_backward_elemt_cpu_op(const at::Tensor& grad_output, const
                                             const at::Tensor& mean, const at::Tensor& invstd,
                                             const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
                                             const at::Tensor& sum_dy_xmu, int64_t count) {
-  const char* op = "fastreg.batch_norm_backward_elemt";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_grad_output(grad_output, input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
-  batch_norm_check_channel(invstd, input, op, "invstd");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_channel(sum_dy, input, op, "sum_dy");
-  batch_norm_check_channel(sum_dy_xmu, input, op, "sum_dy_xmu");
-  TORCH_CHECK_VALUE(count > 0 || input.numel() == 0, op, ": count must be > 0, got ", count);
+  const DType dtype =
+      batch_norm_check_backward_elemt_args(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor dy = batch_norm_match_layout(grad_output, dense);

@@ -44,10 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda
                                                                                  const std::optional<at::Tensor>& bias,
                                                                                  double eps) {
   const char* op = "fastreg.batch_norm";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_optional_channel(bias, input, op, "bias");
-  batch_norm_check_eps(eps, op);
+  const DType dtype = batch_norm_check_train_args(input, weight, bias, eps);
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
@@ -69,12 +66,7 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const at::Tensor& runni
                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                 double eps) {
   const char* op = "fastreg.batch_norm";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_channel(running_mean, input, op, "running_mean");
-  batch_norm_check_channel(running_var, input, op, "running_var");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_optional_channel(bias, input, op, "bias");
-  batch_norm_check_eps(eps, op);
+  const DType dtype = batch_norm_check_eval_args(input, running_mean, running_var, weight, bias, eps);
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
@@ -113,11 +105,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda_op(const at::Tensor& in
 at::Tensor batch_norm_elemt_cuda_op(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
   const char* op = "fastreg.batch_norm_elemt";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
-  batch_norm_check_channel(invstd, input, op, "invstd");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_optional_channel(bias, input, op, "bias");
+  const DType dtype = batch_norm_check_elemt_args(input, mean, invstd, weight, bias);
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
@@ -139,11 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(const at
                                                                         const std::optional<at::Tensor>& weight,
                                                                         bool training) {
   const char* op = "fastreg.batch_norm_backward";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_grad_output(grad_output, input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
-  batch_norm_check_channel(invstd, input, op, "invstd");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
+  const DType dtype = batch_norm_check_backward_args(grad_output, input, mean, invstd, weight);
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
@@ -180,9 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(const at
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda_op(const at::Tensor& grad_output,
                                                                       const at::Tensor& input, const at::Tensor& mean) {
   const char* op = "fastreg.batch_norm_backward_reduce";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_grad_output(grad_output, input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
+  const DType dtype = batch_norm_check_backward_reduce_args(grad_output, input, mean);
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
@@ -203,14 +185,8 @@ at::Tensor batch_norm_backward_elemt_cuda_op(const at::Tensor& grad_output, cons
                                              const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
                                              const at::Tensor& sum_dy_xmu, int64_t count) {
   const char* op = "fastreg.batch_norm_backward_elemt";
-  const DType dtype = batch_norm_check_input(input, op);
-  batch_norm_check_grad_output(grad_output, input, op);
-  batch_norm_check_channel(mean, input, op, "mean");
-  batch_norm_check_channel(invstd, input, op, "invstd");
-  batch_norm_check_optional_channel(weight, input, op, "weight");
-  batch_norm_check_channel(sum_dy, input, op, "sum_dy");
-  batch_norm_check_channel(sum_dy_xmu, input, op, "sum_dy_xmu");
-  TORCH_CHECK_VALUE(count > 0 || input.numel() == 0, op, ": count must be > 0, got ", count);
+  const DType dtype =
+      batch_norm_check_backward_elemt_args(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
