@@ -23,3 +23,20 @@ def require_kernel(device: str) -> None:
     from fastreg import _loader
 
     assert kernel_available(device), f"the {device} kernels are not active: {_loader.STATE.reason}"
+
+
+REFERENCE_BACKEND = os.environ.get("FASTREG_BACKEND", "auto").strip().lower() == "reference"
+
+
+def use_kernels(device: str, ops) -> None:
+    """A test on ``device`` must run that device's compiled kernels of ``ops``, not the reference
+    they fall back to: fail when they are not active. Like require_kernel, but under
+    FASTREG_BACKEND=reference it lets the test run (on the reference) instead of skipping, for
+    tests that compare with an independent oracle (torch, the naive formula) the reference must match too."""
+    if REFERENCE_BACKEND:
+        return
+    from fastreg import _loader
+
+    loaded = load_kernels(device)
+    missing = [name for name in ops if not has_kernel(name, device)]
+    assert loaded and not missing, f"no {device} kernel for {missing or list(ops)}: {_loader.STATE.reason}"

@@ -3,20 +3,17 @@ formats, running statistics, modules, errors, and the ops under opcheck/gradchec
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastreg
-from fastreg import _loader
-from fastreg._library import has_kernel
 from fastreg.reference import batch_norm as ref
 from fastreg.testing import mismatch, opcheck
 
 from .helpers import DEVICES
+from .helpers import use_kernels as _use_kernels
 
 OPS = torch.ops.fastreg
 BN_OPS = (
@@ -28,7 +25,12 @@ BN_OPS = (
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
 )
-REFERENCE_BACKEND = os.environ.get("FASTREG_BACKEND", "auto").strip().lower() == "reference"
+
+
+def use_kernels(device: str) -> None:
+    _use_kernels(device, BN_OPS)
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Against torch (a different summation order, and torch rounds 16-bit intermediate results).
 VS_TORCH = {
@@ -37,15 +39,6 @@ VS_TORCH = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (4e-2, 4e-2),
 }
-
-
-def use_kernels(device: str) -> None:
-    """Fail when the compiled kernels of ``device`` are not active, unless the reference is forced."""
-    if REFERENCE_BACKEND:
-        return
-    loaded = _loader.load_kernels(device)
-    missing = [name for name in BN_OPS if not has_kernel(name, device)]
-    assert loaded and not missing, f"no {device} kernel for {missing}: {_loader.STATE.reason}"
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,13 +13,19 @@ from fastreg._library import has_kernel
 from fastreg.reference import weight_penalty as ref
 from fastreg.testing import mismatch, opcheck
 
-from .helpers import DEVICES
+from .helpers import DEVICES, REFERENCE_BACKEND
+from .helpers import use_kernels as _use_kernels
 
 OPS = torch.ops.fastreg
 PENALTY_OPS = ("weight_penalty_value", "weight_penalty_grad_", "weight_penalty_backward")
+
+
+def use_kernels(device: str) -> None:
+    _use_kernels(device, PENALTY_OPS)
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 COEFFICIENTS = [(0.0, 0.0), (0.3, 0.0), (0.0, 0.7), (0.3, 0.7), (1e-5, 1e-4)]
-REFERENCE_BACKEND = os.environ.get("FASTREG_BACKEND", "auto").strip().lower() == "reference"
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Sizes around the CPU vector block (256 fp32), the CPU chunk (32768) and the CUDA chunk (16384).
@@ -43,18 +48,6 @@ EDGE_SHAPES = [
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     _loader.load_kernels("cpu")
-
-
-def use_kernels(device: str) -> None:
-    """A test on ``device`` must run that device's compiled kernels, not the reference they fall
-    back to: fail when they are not active. Like helpers.require_kernel, but for these ops, and
-    under FASTREG_BACKEND=reference it lets the test run (on the reference) instead of skipping,
-    because these tests compare with the naive formula, which the reference must match too."""
-    if REFERENCE_BACKEND:
-        return
-    loaded = _loader.load_kernels(device)
-    missing = [name for name in PENALTY_OPS if not has_kernel(name, device)]
-    assert loaded and not missing, f"no {device} kernel for {missing or list(PENALTY_OPS)}: {_loader.STATE.reason}"
 
 
 def make(shapes, dtype=torch.float32, device="cpu", seed=0, zeros_every=7):
