@@ -694,6 +694,57 @@ void backward_block(const ChannelWalk& walk, const void* grad_output, const void
   }
 }
 
+// ---- in-order walk: element-wise passes that do not follow a reduction of the same channel
+// go through memory in order, each run of `inner` elements with its channel's coefficients.
+// (The channel walk would scatter their stores over `outer` places per block: backward_elemt of
+// bf16 (64,256,14,14) NCHW took 2.5x the time of torch.add over the same tensors.)
+
+// Flat elements [f0, f1) of the [outer][C][inner] layout: fn(offset, length, channel) per run.
+template <typename F>
+inline void runs_in_order(int64_t inner, int64_t channels, int64_t f0, int64_t f1, F&& fn) {
+  int64_t r = f0 / inner, c = r % channels;
+  for (int64_t f = f0; f < f1; ++r, c = c + 1 == channels ? 0 : c + 1) {
+    const int64_t end = std::min(f1, (r + 1) * inner);
+    fn(f, end - f, c);
+    f = end;
+  }
+}
+
+template <class IO>
+void elemt_in_order(const BatchNormLayout& layout, const void* input, void* output, int64_t f0, int64_t f1,
+                    const typename IO::A* mean, const typename IO::A* a, const typename IO::A* b, bool stream) {
+  using T = typename IO::Elem;
+  const T* x = static_cast<const T*>(input);
+  T* y = static_cast<T*>(output);
+  runs_in_order(layout.inner, layout.channels, f0, f1, [&](int64_t o, int64_t len, int64_t c) {
+    if (stream) {
+      RunOps<IO>::template elemt<true>(x + o, y + o, len, mean[c], a[c], b[c]);
+    } else {
+      RunOps<IO>::template elemt<false>(x + o, y + o, len, mean[c], a[c], b[c]);
+    }
+  });
+}
+
+template <class IO>
+void backward_in_order(const BatchNormLayout& layout, const void* grad_output, const void* input, void* grad_input,
+                       int64_t f0, int64_t f1, const BackwardCoefs<typename IO::A>* coefs, bool training, bool stream) {
+  using T = typename IO::Elem;
+  const T* dy = static_cast<const T*>(grad_output);
+  const T* x = static_cast<const T*>(input);
+  T* dx = static_cast<T*>(grad_input);
+  auto go = [&](auto training_tag, auto stream_tag) {
+    runs_in_order(layout.inner, layout.channels, f0, f1, [&](int64_t o, int64_t len, int64_t c) {
+      RunOps<IO>::template backward<decltype(training_tag)::value, decltype(stream_tag)::value>(dy + o, x + o, dx + o,
+                                                                                                 len, coefs[c]);
+    });
+  };
+  if (training) {
+    stream ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
+  } else {
+    stream ? go(std::false_type{}, std::true_type{}) : go(std::false_type{}, std::false_type{});
+  }
+}
+
 // ---- row-walk pieces. Periodic column arrays: a vector starting at column `col` of a row uses
 // entries [col, col + lanes) of arrays extended past `width` with the values of the next row's
 // columns, so rows need not be a whole number of vectors.
@@ -912,6 +963,10 @@ struct Kernels {
   void (*row_elemt)(const RowWalk&, const void*, void*, int64_t, int64_t, const RowArrays<A>&, bool);
   void (*row_backward)(const RowWalk&, const void*, const void*, void*, int64_t, int64_t, const RowArrays<A>&, bool,
                        bool);
+  void (*elemt_in_order)(const BatchNormLayout&, const void*, void*, int64_t, int64_t, const A*, const A*, const A*,
+                         bool);
+  void (*backward_in_order)(const BatchNormLayout&, const void*, const void*, void*, int64_t, int64_t,
+                            const BackwardCoefs<A>*, bool, bool);
 };
 
 #define FASTREG_BN_ENTRIES(NS, ISA, ATTRS)                                                                          \
@@ -955,10 +1010,21 @@ struct Kernels {
                           const RowArrays<A>& arr, bool training, bool stream) {                                  \
     fastreg::row_backward<Io<ISA, T>>(w, dy, x, dx, f0, f1, arr, training, stream);                               \
   }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void elemt_in_order(const BatchNormLayout& l, const void* x, void* y, int64_t f0, int64_t f1,             \
+                            const A* mean, const A* a, const A* b, bool stream) {                                 \
+    fastreg::elemt_in_order<Io<ISA, T>>(l, x, y, f0, f1, mean, a, b, stream);                                     \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void backward_in_order(const BatchNormLayout& l, const void* dy, const void* x, void* dx, int64_t f0,      \
+                               int64_t f1, const BackwardCoefs<A>* coefs, bool training, bool stream) {           \
+    fastreg::backward_in_order<Io<ISA, T>>(l, dy, x, dx, f0, f1, coefs, training, stream);                        \
+  }                                                                                                               \
   template <typename T>                                                                                           \
   Kernels<T> kernels() {                                                                                          \
-    return Kernels<T>{&stats_block<T>,     &reduce_block<T>,     &elemt_block<T>, &backward_block<T>,            \
-                      &row_stats_group<T>, &row_reduce_group<T>, &row_elemt<T>,   &row_backward<T>};             \
+    return Kernels<T>{&stats_block<T>,       &reduce_block<T>,      &elemt_block<T>, &backward_block<T>,          \
+                      &row_stats_group<T>,   &row_reduce_group<T>,  &row_elemt<T>,   &row_backward<T>,            \
+                      &elemt_in_order<T>,    &backward_in_order<T>};                                              \
   }                                                                                                               \
   }
 
@@ -1205,12 +1271,19 @@ void row_backward_all(const BatchNormLayout& layout, const void* dy, const void*
 
 // Block results of every (channel, block) pair, in parallel; pairs in block-major order, so
 // that neighbouring tasks read neighbouring memory.
-// `fence`: the tasks wrote with non-temporal stores.
 template <typename F>
-void for_pairs(const ChannelWalk& walk, int64_t elems_per_block, bool fence, F&& f) {
+void for_pairs(const ChannelWalk& walk, int64_t elems_per_block, F&& f) {
   const int64_t pairs = walk.channels * walk.blocks;
   at::parallel_for(0, pairs, grain_for(elems_per_block), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) f(p % walk.channels, p / walk.channels);
+  });
+}
+
+// Flat ranges of the whole tensor, in parallel (`fence`: the tasks wrote with non-temporal stores).
+template <typename F>
+void for_ranges_in_order(const BatchNormLayout& layout, int64_t streams, bool fence, F&& f) {
+  at::parallel_for(0, layout.numel(), grain_for(streams), [&](int64_t f0, int64_t f1) {
+    f(f0, f1);
     if (fence) store_fence();
   });
 }
@@ -1273,7 +1346,7 @@ void stats_impl(const BatchNormLayout& layout, const void* x, void* mean_out, vo
   }
   std::vector<double> blocks(2 * channels * walk.blocks);
   const int64_t per_block = block_elems<T>();
-  for_pairs(walk, per_block, false,
+  for_pairs(walk, per_block,
             [&](int64_t c, int64_t b) { k.stats_block(walk, x, c, b, &blocks[2 * (c * walk.blocks + b)]); });
   for (int64_t c = 0; c < channels; ++c) {
     double m, v;
@@ -1281,8 +1354,14 @@ void stats_impl(const BatchNormLayout& layout, const void* x, void* mean_out, vo
     store(c, m, v);
   }
   if (with_forward) {
-    for_pairs(walk, per_block, stream,
-              [&](int64_t c, int64_t b) { k.elemt_block(walk, x, y, c, b, mean[c], scale_of(c), bias_of(c), stream); });
+    std::vector<A> scale(channels), shift(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      scale[c] = scale_of(c);
+      shift[c] = bias_of(c);
+    }
+    for_ranges_in_order(layout, 2, stream, [&](int64_t f0, int64_t f1) {
+      k.elemt_in_order(layout, x, y, f0, f1, mean, scale.data(), shift.data(), stream);
+    });
   }
 }
 
@@ -1304,14 +1383,14 @@ void elemt_impl(const BatchNormLayout& layout, const void* x, void* y, const Bat
   }
   const Kernels<T>& k = kernels<T>();
   const bool stream = should_stream<T>(layout);
-  const ChannelWalk walk(layout, block_elems<T>());
   std::vector<A> scale(layout.channels), shift(layout.channels);
   for (int64_t c = 0; c < layout.channels; ++c) {
     scale[c] = scale_of(c);
     shift[c] = bias_of(c);
   }
-  for_pairs(walk, block_elems<T>(), stream,
-            [&](int64_t c, int64_t b) { k.elemt_block(walk, x, y, c, b, mean[c], scale[c], shift[c], stream); });
+  for_ranges_in_order(layout, 2, stream, [&](int64_t f0, int64_t f1) {
+    k.elemt_in_order(layout, x, y, f0, f1, mean, scale.data(), shift.data(), stream);
+  });
 }
 
 // Sums in double per channel over the channel walk (per_thread: the caller's channel loop).
@@ -1405,7 +1484,7 @@ void backward_impl(const BatchNormLayout& layout, const void* dy, const void* x,
   const int64_t per_block = 2 * block_elems<T>();
   if (reduce) {
     std::vector<double> blocks(2 * channels * walk.blocks);
-    for_pairs(walk, per_block, false, [&](int64_t c, int64_t b) {
+    for_pairs(walk, per_block, [&](int64_t c, int64_t b) {
       k.reduce_block(walk, dy, x, c, b, mean[c], &blocks[2 * (c * walk.blocks + b)]);
     });
     for (int64_t c = 0; c < channels; ++c) {
@@ -1421,8 +1500,9 @@ void backward_impl(const BatchNormLayout& layout, const void* dy, const void* x,
   if (dx != nullptr) {
     std::vector<BackwardCoefs<A>> per(channels);
     for (int64_t c = 0; c < channels; ++c) per[c] = coefs(c);
-    for_pairs(walk, per_block, stream,
-              [&](int64_t c, int64_t b) { k.backward_block(walk, dy, x, dx, c, b, per[c], training, stream); });
+    for_ranges_in_order(layout, 3, stream, [&](int64_t f0, int64_t f1) {
+      k.backward_in_order(layout, dy, x, dx, f0, f1, per.data(), training, stream);
+    });
   }
 }
 
