@@ -224,6 +224,26 @@ FASTREG_TEST(batch_norm_cpu_stats_large_mean) {
   }
 }
 
+// Data whose first rows sit far from the rest (sorted or shifted batches): a fixed shift taken
+// from the first rows would leave float sums of (x - shift)^2 that cancel (a one-pass row walk
+// failed this). Rows before `cut` are 1e3 + U(-1, 1), the others U(-1, 1).
+FASTREG_TEST(batch_norm_cpu_stats_shifted_first_rows) {
+  for (const BatchNormLayout& l : {BatchNormLayout{8192, 8, 1}, BatchNormLayout{3000, 37, 1}, BatchNormLayout{64, 4, 200}}) {
+    std::vector<float> x = values<float>(l.numel(), 5, 0.0, 1.0);
+    const int64_t cut = l.numel() / 50;
+    for (int64_t e = 0; e < cut; ++e) x[e] += 1e3f;
+    std::vector<float> mean(l.channels), var(l.channels);
+    batch_norm_stats_cpu(l, DType::Float32, x.data(), mean.data(), var.data());
+    int64_t wrong = 0;
+    for (int64_t c = 0; c < l.channels; ++c) {
+      double m, v;
+      exact_stats(l, x, c, m, v);
+      wrong += !close(mean[c], m, 1e-6, 1e-6) + !close(var[c], v, 1e-5, 0);
+    }
+    FASTREG_CHECK_EQ(wrong, int64_t{0});
+  }
+}
+
 // Nothing to reduce: mean = var = 0, invstd = 1 / sqrt(eps), sums 0, nothing written.
 FASTREG_TEST(batch_norm_cpu_empty) {
   const BatchNormLayout l{0, 3, 0};
