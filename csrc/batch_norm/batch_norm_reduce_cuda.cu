@@ -26,6 +26,7 @@
 //
 // Workspace: splits * C partials of 3 doubles, partial (c, s) at [(c * splits + s) * 3]:
 // (count, mean, M2) for the statistics, (sum_dy, sum_dy_xmu, unused) for the backward sums.
+#include "../common/block_sum_cuda.cuh"
 #include "batch_norm_cuda.cuh"
 #include "batch_norm_cuda.h"
 
@@ -133,30 +134,6 @@ __device__ __forceinline__ Welford block_merge(Welford w) {
     for (int offset = 16; offset > 0; offset /= 2) w = merge(w, shfl_down(w, offset));
   }
   return w;
-}
-
-__device__ __forceinline__ void block_sum(double& a, double& b) {
-  __shared__ double warp_a[kWarps], warp_b[kWarps];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    a += __shfl_down_sync(0xffffffffu, a, offset);
-    b += __shfl_down_sync(0xffffffffu, b, offset);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    warp_a[warp] = a;
-    warp_b[warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < kWarps ? warp_a[lane] : 0.0;
-    b = lane < kWarps ? warp_b[lane] : 0.0;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      a += __shfl_down_sync(0xffffffffu, a, offset);
-      b += __shfl_down_sync(0xffffffffu, b, offset);
-    }
-  }
 }
 
 // A thread's running statistics of one channel in the compute type, shifted by its first
@@ -279,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(const ReduceArgs 
 
   double* out = a.partials + (c * a.splits + s) * 3;
   if constexpr (Backward) {
-    block_sum(sum_dy, sum_dy_xmu);
+    block_sum<kThreads>(sum_dy, sum_dy_xmu);
     if (threadIdx.x == 0) {
       out[0] = sum_dy;
       out[1] = sum_dy_xmu;
@@ -514,11 +491,7 @@ __global__ void __launch_bounds__(kThreads)
     a += p[0];
     b += p[1];
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    a += __shfl_down_sync(0xffffffffu, a, offset);
-    b += __shfl_down_sync(0xffffffffu, b, offset);
-  }
+  warp_sum(a, b);
   if (lane == 0) {
     sum_dy[c] = static_cast<A>(a);
     sum_dy_xmu[c] = static_cast<A>(b);

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "../common/block_sum_cuda.cuh"
 #include "../common/compute_type_cuda.cuh"
 #include "weight_penalty_kernels.h"
 
@@ -142,32 +143,6 @@ __device__ __forceinline__ void penalty_chunk(const T* __restrict__ w, T* __rest
     }
     s1 += t1;  // short fp32 runs, then double: tiny rounding error at no bandwidth cost
     s2 += t2;
-  }
-}
-
-// Fixed-order block sum of two doubles; thread 0 gets the result.
-template <int kBlockThreads>
-__device__ __forceinline__ void block_sum(double& a, double& b) {
-  __shared__ double warp_a[kBlockThreads / 32], warp_b[kBlockThreads / 32];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    a += __shfl_down_sync(0xffffffffu, a, offset);
-    b += __shfl_down_sync(0xffffffffu, b, offset);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    warp_a[warp] = a;
-    warp_b[warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < kBlockThreads / 32 ? warp_a[lane] : 0.0;
-    b = lane < kBlockThreads / 32 ? warp_b[lane] : 0.0;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      a += __shfl_down_sync(0xffffffffu, a, offset);
-      b += __shfl_down_sync(0xffffffffu, b, offset);
-    }
   }
 }
 
