@@ -1,0 +1,138 @@
+// CPU batch norm: the walks' block functions compiled once per ISA (AVX-512, AVX2+F16C,
+// baseline) into `flatten` entry points, and the choice among them at run time.
+// Private to batch_norm_cpu.cpp, its only includer: internal linkage on purpose, so that
+// the per-ISA clones of everything here stay inside that one translation unit.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/compute_type.h"
+#include "batch_norm_cpu_channel_walk.h"
+#include "batch_norm_cpu_row_walk.h"
+
+namespace fastreg {
+namespace {
+
+// ---- entry points per ISA: everything above inlined (flatten) and compiled for that ISA.
+
+template <typename T>
+struct Kernels {
+  using A = typename ComputeType<T>::type;
+  void (*stats_block)(const ChannelWalk&, const void*, int64_t, int64_t, double*);
+  void (*reduce_block)(const ChannelWalk&, const void*, const void*, int64_t, int64_t, A, double*);
+  void (*elemt_block)(const ChannelWalk&, const void*, void*, int64_t, int64_t, A, A, A, bool);
+  void (*backward_block)(const ChannelWalk&, const void*, const void*, void*, int64_t, int64_t,
+                         const BackwardCoefs<A>&, bool, bool);
+  void (*row_stats_group)(const RowWalk&, const void*, int64_t, double*, double*, void*);
+  void (*row_reduce_group)(const RowWalk&, const void*, const void*, int64_t, const double*, double*, double*, void*);
+  void (*row_elemt)(const RowWalk&, const void*, void*, int64_t, int64_t, const RowArrays<A>&, bool);
+  void (*row_backward)(const RowWalk&, const void*, const void*, void*, int64_t, int64_t, const RowArrays<A>&, bool,
+                       bool);
+  void (*elemt_in_order)(const BatchNormLayout&, const void*, void*, int64_t, int64_t, const A*, const A*, const A*,
+                         bool);
+  void (*backward_in_order)(const BatchNormLayout&, const void*, const void*, void*, int64_t, int64_t,
+                            const BackwardCoefs<A>*, bool, bool);
+};
+
+#define FASTREG_BN_ENTRIES(NS, ISA, ATTRS)                                                                          \
+  namespace NS {                                                                                                  \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void stats_block(const ChannelWalk& w, const void* x, int64_t c, int64_t b, double* out) {                \
+    fastreg::stats_block<Io<ISA, T>>(w, x, c, b, out);                                                            \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void reduce_block(const ChannelWalk& w, const void* dy, const void* x, int64_t c, int64_t b, A mean,      \
+                          double* out) {                                                                          \
+    fastreg::reduce_block<Io<ISA, T>>(w, dy, x, c, b, mean, out);                                                 \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void elemt_block(const ChannelWalk& w, const void* x, void* y, int64_t c, int64_t b, A mean, A a, A bias, \
+                         bool stream) {                                                                           \
+    fastreg::elemt_block<Io<ISA, T>>(w, x, y, c, b, mean, a, bias, stream);                                       \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void backward_block(const ChannelWalk& w, const void* dy, const void* x, void* dx, int64_t c, int64_t b,   \
+                            const BackwardCoefs<A>& k, bool training, bool stream) {                              \
+    fastreg::backward_block<Io<ISA, T>>(w, dy, x, dx, c, b, k, training, stream);                                 \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void row_stats_group(const RowWalk& w, const void* x, int64_t g, double* gmean, double* gm2,              \
+                             void* scratch) {                                                                     \
+    fastreg::row_stats_group<Io<ISA, T>>(w, x, g, gmean, gm2, scratch);                                           \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void row_reduce_group(const RowWalk& w, const void* dy, const void* x, int64_t g, const double* mean,      \
+                              double* gdy, double* gdyx, void* scratch) {                                         \
+    fastreg::row_reduce_group<Io<ISA, T>>(w, dy, x, g, mean, gdy, gdyx, scratch);                                 \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void row_elemt(const RowWalk& w, const void* x, void* y, int64_t f0, int64_t f1, const RowArrays<A>& arr,  \
+                       bool stream) {                                                                             \
+    fastreg::row_elemt<Io<ISA, T>>(w, x, y, f0, f1, arr, stream);                                                 \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void row_backward(const RowWalk& w, const void* dy, const void* x, void* dx, int64_t f0, int64_t f1,      \
+                          const RowArrays<A>& arr, bool training, bool stream) {                                  \
+    fastreg::row_backward<Io<ISA, T>>(w, dy, x, dx, f0, f1, arr, training, stream);                               \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void elemt_in_order(const BatchNormLayout& l, const void* x, void* y, int64_t f0, int64_t f1,             \
+                            const A* mean, const A* a, const A* b, bool stream) {                                 \
+    fastreg::elemt_in_order<Io<ISA, T>>(l, x, y, f0, f1, mean, a, b, stream);                                     \
+  }                                                                                                               \
+  template <typename T, typename A = typename ComputeType<T>::type>                                               \
+  ATTRS void backward_in_order(const BatchNormLayout& l, const void* dy, const void* x, void* dx, int64_t f0,      \
+                               int64_t f1, const BackwardCoefs<A>* coefs, bool training, bool stream) {           \
+    fastreg::backward_in_order<Io<ISA, T>>(l, dy, x, dx, f0, f1, coefs, training, stream);                        \
+  }                                                                                                               \
+  template <typename T>                                                                                           \
+  Kernels<T> kernels() {                                                                                          \
+    return Kernels<T>{&stats_block<T>,       &reduce_block<T>,      &elemt_block<T>, &backward_block<T>,          \
+                      &row_stats_group<T>,   &row_reduce_group<T>,  &row_elemt<T>,   &row_backward<T>,            \
+                      &elemt_in_order<T>,    &backward_in_order<T>};                                              \
+  }                                                                                                               \
+  }
+
+FASTREG_BN_ENTRIES(isa_base, IsaBase, __attribute__((flatten)))
+#if defined(FASTREG_BN_X86)
+FASTREG_BN_ENTRIES(isa_avx2, IsaAvx2, __attribute__((target("arch=x86-64-v3"), flatten)))
+FASTREG_BN_ENTRIES(isa_avx512, IsaAvx512, __attribute__((target("arch=x86-64-v4"), flatten)))
+#endif
+
+// The widest ISA this CPU runs; FASTREG_BN_CPU_ISA=avx2|base caps it (to test the other
+// builds on an AVX-512 machine).
+enum class Isa { Base, Avx2, Avx512 };
+
+inline Isa chosen_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::Base;
+#if defined(FASTREG_BN_X86)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = Isa::Avx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
+      best = Isa::Avx512;
+    }
+#endif
+    const char* cap = std::getenv("FASTREG_BN_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "base") == 0) best = Isa::Base;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::Avx512) best = Isa::Avx2;
+    return best;
+  }();
+  return isa;
+}
+
+template <typename T>
+const Kernels<T>& kernels() {
+  static const Kernels<T> chosen = [] {
+#if defined(FASTREG_BN_X86)
+    if (chosen_isa() == Isa::Avx512) return isa_avx512::kernels<T>();
+    if (chosen_isa() == Isa::Avx2) return isa_avx2::kernels<T>();
+#endif
+    return isa_base::kernels<T>();
+  }();
+  return chosen;
+}
+
+}  // namespace
+}  // namespace fastreg

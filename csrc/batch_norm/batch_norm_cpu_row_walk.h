@@ -1,0 +1,252 @@
+// CPU batch norm, row walk (small inner, e.g. channels_last): rows of C * inner elements with
+// per-column accumulators, the rows cut into fixed groups.
+// Private to batch_norm_cpu.cpp, its only includer: internal linkage on purpose, so that
+// the per-ISA clones of everything here stay inside that one translation unit.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "batch_norm_cpu_runs.h"
+#include "batch_norm_kernels.h"
+
+namespace fastreg {
+namespace {
+
+constexpr int64_t kMaxBlockRows = 128;            // rows per fp32 column sum in a row block
+constexpr int64_t kGroupElems = int64_t{1} << 16; // row groups: the unit of parallel reduction
+constexpr int64_t kPad = 64;                      // extension of periodic column arrays (>= any vector width)
+
+// Row walk: rows of `width` = C * inner contiguous elements; column j belongs to channel
+// j / inner. Blocks of block_rows rows, groups of group_blocks blocks.
+struct RowWalk {
+  int64_t rows = 0, width = 0, inner = 1;
+  int64_t block_rows = 1, group_rows = 1, groups = 0;
+
+  RowWalk(const BatchNormLayout& layout, int64_t block_elems)
+      : rows(layout.outer), width(layout.channels * layout.inner), inner(layout.inner) {
+    if (layout.count() == 0) return;
+    block_rows = std::clamp<int64_t>(block_elems / width, 1, kMaxBlockRows);
+    const int64_t group_blocks = std::max<int64_t>(1, kGroupElems / (block_rows * width));
+    group_rows = block_rows * group_blocks;
+    groups = (rows + group_rows - 1) / group_rows;
+  }
+
+  int64_t group_begin(int64_t g) const { return g * group_rows; }
+  int64_t group_end(int64_t g) const { return std::min(rows, (g + 1) * group_rows); }
+};
+
+// Column arrays of the row walk, extended periodically to width + kPad entries.
+template <typename A>
+struct RowArrays {
+  const A* mean;
+  const A* a;  // elemt: invstd * w; backward: mean_dy
+  const A* b;  // elemt: bias; backward: proj
+  const A* scale;  // backward only
+};
+
+// ---- row-walk pieces. Periodic column arrays: a vector starting at column `col` of a row uses
+// entries [col, col + lanes) of arrays extended past `width` with the values of the next row's
+// columns, so rows need not be a whole number of vectors.
+
+// acc[j] (j < width) += acc[p] for every extended p >= width with p % width == j; clears them.
+// Vectors of kLanes lanes starting at a column < width reach at most width + kLanes - 1; when
+// rows are whole vectors they never pass width.
+template <int kLanes, typename A>
+inline void fold_periodic(A* acc, int64_t width) {
+  if (width % kLanes == 0) return;
+  for (int64_t p = width, j = 0; p < width + kLanes; ++p, j = j + 1 == width ? 0 : j + 1) {
+    acc[j] += acc[p];
+    acc[p] = A(0);
+  }
+}
+
+template <int kLanes, typename A>
+inline void extend_periodic(A* values, int64_t width) {
+  if (width % kLanes == 0) return;
+  for (int64_t p = width, j = 0; p < width + kLanes; ++p, j = j + 1 == width ? 0 : j + 1) values[p] = values[j];
+}
+
+// Column step of one vector, and the column after `col`.
+inline int64_t next_col(int64_t col, int64_t step, int64_t width) {
+  col += step;
+  return col >= width ? col - width : col;
+}
+
+// Group g: per-column (mean, M2) of its rows, merged block by block (Chan) in double.
+// scratch: 3 * (width + kPad) compute-type elements.
+template <class IO>
+void row_stats_group(const RowWalk& walk, const void* input, int64_t g, double* gmean, double* gm2, void* scratch) {
+  using T = typename IO::Elem;
+  using A = typename IO::A;
+  using V = typename IO::V;
+  constexpr int L = IO::kLanes;
+  const T* x = static_cast<const T*>(input);
+  const int64_t width = walk.width, step = L % width;
+  A* acc = static_cast<A*>(scratch);
+  A* m = acc + width + kPad;
+  A* s2 = m + width + kPad;
+  std::fill(acc, acc + 3 * (width + kPad), A(0));
+  double rows_done = 0;
+  for (int64_t r0 = walk.group_begin(g), r1 = walk.group_end(g); r0 < r1; r0 += walk.block_rows) {
+    const int64_t nr = std::min(walk.block_rows, r1 - r0), len = nr * width;
+    const T* xb = x + r0 * width;
+    int64_t i = 0, col = 0;
+    for (; i + L <= len; i += L, col = next_col(col, step, width)) IO::storea(acc + col, IO::loada(acc + col) + IO::load(xb + i));
+    for (; i < len; ++i, col = col + 1 == width ? 0 : col + 1) acc[col] += IO::load1(xb + i);
+    fold_periodic<L>(acc, width);
+    const double n = static_cast<double>(nr);
+    for (int64_t j = 0; j < width; ++j) {
+      m[j] = static_cast<A>(static_cast<double>(acc[j]) / n);
+      acc[j] = A(0);
+    }
+    extend_periodic<L>(m, width);
+    for (i = 0, col = 0; i + L <= len; i += L, col = next_col(col, step, width)) {
+      const V d = IO::load(xb + i) - IO::loada(m + col);
+      IO::storea(acc + col, IO::loada(acc + col) + d);
+      IO::storea(s2 + col, IO::loada(s2 + col) + d * d);
+    }
+    for (; i < len; ++i, col = col + 1 == width ? 0 : col + 1) {
+      const A d = IO::load1(xb + i) - m[col];
+      acc[col] += d;
+      s2[col] += d * d;
+    }
+    fold_periodic<L>(acc, width);
+    fold_periodic<L>(s2, width);
+    const double total = rows_done + n, f1 = n / total, f2 = rows_done * n / total;
+    for (int64_t j = 0; j < width; ++j) {
+      const double d1 = acc[j];
+      const double mean_b = static_cast<double>(m[j]) + d1 / n;
+      const double m2_b = std::max(0.0, static_cast<double>(s2[j]) - d1 * d1 / n);
+      if (rows_done == 0) {
+        gmean[j] = mean_b;
+        gm2[j] = m2_b;
+      } else {
+        const double delta = mean_b - gmean[j];
+        gmean[j] += delta * f1;
+        gm2[j] += m2_b + delta * delta * f2;
+      }
+      acc[j] = A(0);
+      s2[j] = A(0);
+    }
+    rows_done = total;
+  }
+}
+
+// Group g: per-column sums of dy and dy * (x - mean), in double (see RunOps::reduce). mean:
+// periodic column array; scratch: 2 * (width + kPad) doubles.
+template <class IO>
+void row_reduce_group(const RowWalk& walk, const void* grad_output, const void* input, int64_t g, const double* mean,
+                      double* gdy, double* gdyx, void* scratch) {
+  using T = typename IO::Elem;
+  using VD = typename IO::VD;
+  constexpr int L = IO::kLanes;
+  const int64_t width = walk.width, step = L % width;
+  double* sdy = static_cast<double*>(scratch);
+  double* sdyx = sdy + width + kPad;
+  std::fill(sdy, sdy + 2 * (width + kPad), 0.0);
+  const int64_t begin = walk.group_begin(g) * width, end = walk.group_end(g) * width;
+  const T* dy = static_cast<const T*>(grad_output);
+  const T* x = static_cast<const T*>(input);
+  int64_t i = begin, col = 0;
+  constexpr int H = IO::kHalves, DL = IO::kDLanes;
+  for (; i + L <= end; i += L, col = next_col(col, step, width)) {
+    VD gv[H], xv[H];
+    IO::wide(IO::load(dy + i), gv);
+    IO::wide(IO::load(x + i), xv);
+    for (int h = 0; h < H; ++h) {
+      const int64_t p = col + h * DL;
+      IO::stored(sdy + p, IO::loadd(sdy + p) + gv[h]);
+      IO::stored(sdyx + p, IO::loadd(sdyx + p) + gv[h] * (xv[h] - IO::loadd(mean + p)));
+    }
+  }
+  for (; i < end; ++i, col = col + 1 == width ? 0 : col + 1) {
+    const double gv = IO::load1(dy + i);
+    sdy[col] += gv;
+    sdyx[col] += gv * (static_cast<double>(IO::load1(x + i)) - mean[col]);
+  }
+  fold_periodic<L>(sdy, width);
+  fold_periodic<L>(sdyx, width);
+  std::copy(sdy, sdy + width, gdy);
+  std::copy(sdyx, sdyx + width, gdyx);
+}
+
+// Elements [f0, f1) of the row walk: y = (x - mean) * a + b with periodic column arrays.
+template <class IO, bool kStream>
+inline void row_elemt_span(int64_t width, const typename IO::Elem* x, typename IO::Elem* y, int64_t f0, int64_t f1,
+                           const RowArrays<typename IO::A>& arr) {
+  using V = typename IO::V;
+  constexpr int L = IO::kLanes;
+  const int64_t step = L % width;
+  int64_t i = f0, col = f0 % width;
+  for (; i + L <= f1; i += L, col = next_col(col, step, width)) {
+    const V v = (IO::load(x + i) - IO::loada(arr.mean + col)) * IO::loada(arr.a + col) + IO::loada(arr.b + col);
+    IO::template store<kStream>(y + i, v);
+  }
+  for (; i < f1; ++i, col = col + 1 == width ? 0 : col + 1) {
+    IO::store1(y + i, (IO::load1(x + i) - arr.mean[col]) * arr.a[col] + arr.b[col]);
+  }
+}
+
+template <class IO>
+void row_elemt(const RowWalk& walk, const void* input, void* output, int64_t f0, int64_t f1,
+               const RowArrays<typename IO::A>& arr, bool stream) {
+  using T = typename IO::Elem;
+  const T* x = static_cast<const T*>(input);
+  T* y = static_cast<T*>(output);
+  if (stream) {
+    on_whole_lines<IO>(y + f0, f1 - f0, [&](auto nt, int64_t i0, int64_t i1) {
+      row_elemt_span<IO, decltype(nt)::value>(walk.width, x, y, f0 + i0, f0 + i1, arr);
+    });
+  } else {
+    row_elemt_span<IO, false>(walk.width, x, y, f0, f1, arr);
+  }
+}
+
+template <class IO, bool kTraining, bool kStream>
+inline void row_backward_span(int64_t width, const typename IO::Elem* dy, const typename IO::Elem* x,
+                              typename IO::Elem* dx, int64_t f0, int64_t f1, const RowArrays<typename IO::A>& arr) {
+  using A = typename IO::A;
+  using V = typename IO::V;
+  constexpr int L = IO::kLanes;
+  const int64_t step = L % width;
+  int64_t i = f0, col = f0 % width;
+  for (; i + L <= f1; i += L, col = next_col(col, step, width)) {
+    const V g = IO::load(dy + i);
+    const V s = IO::loada(arr.scale + col);
+    if constexpr (kTraining) {
+      const V xm = IO::load(x + i) - IO::loada(arr.mean + col);
+      IO::template store<kStream>(dx + i, (g - IO::loada(arr.a + col) - xm * IO::loada(arr.b + col)) * s);
+    } else {
+      IO::template store<kStream>(dx + i, g * s);
+    }
+  }
+  for (; i < f1; ++i, col = col + 1 == width ? 0 : col + 1) {
+    const A g = IO::load1(dy + i);
+    const A s = arr.scale[col];
+    IO::store1(dx + i, kTraining ? (g - arr.a[col] - (IO::load1(x + i) - arr.mean[col]) * arr.b[col]) * s : g * s);
+  }
+}
+
+template <class IO>
+void row_backward(const RowWalk& walk, const void* grad_output, const void* input, void* grad_input, int64_t f0,
+                  int64_t f1, const RowArrays<typename IO::A>& arr, bool training, bool stream) {
+  using T = typename IO::Elem;
+  const T* dy = static_cast<const T*>(grad_output);
+  const T* x = static_cast<const T*>(input);
+  T* dx = static_cast<T*>(grad_input);
+  auto go = [&](auto training_tag) {
+    constexpr bool kTraining = decltype(training_tag)::value;
+    if (stream) {
+      on_whole_lines<IO>(dx + f0, f1 - f0, [&](auto nt, int64_t i0, int64_t i1) {
+        row_backward_span<IO, kTraining, decltype(nt)::value>(walk.width, dy, x, dx, f0 + i0, f0 + i1, arr);
+      });
+    } else {
+      row_backward_span<IO, kTraining, false>(walk.width, dy, x, dx, f0, f1, arr);
+    }
+  };
+  training ? go(std::true_type{}) : go(std::false_type{});
+}
+
+}  // namespace
+}  // namespace fastreg
