@@ -152,6 +152,23 @@ inline at::Tensor batch_norm_channel_array(const std::optional<at::Tensor>& t, a
 
 inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
+// A call's per-channel arrays in the compute dtype, held here so that they outlive the kernel,
+// and the BatchNormAffine that points at them (an absent one is nullptr).
+struct BatchNormChannelArrays {
+  at::Tensor mean, invstd, weight, bias;
+  BatchNormAffine affine() const {
+    return BatchNormAffine{data_or_null(mean), data_or_null(invstd), data_or_null(weight), data_or_null(bias)};
+  }
+};
+
+inline BatchNormChannelArrays batch_norm_channel_arrays(at::ScalarType compute, const std::optional<at::Tensor>& mean,
+                                                        const std::optional<at::Tensor>& invstd,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        const std::optional<at::Tensor>& bias = std::nullopt) {
+  return BatchNormChannelArrays{batch_norm_channel_array(mean, compute), batch_norm_channel_array(invstd, compute),
+                                batch_norm_channel_array(weight, compute), batch_norm_channel_array(bias, compute)};
+}
+
 // The [outer][C][inner] walk of a non-overlapping, dense tensor (see batch_norm_kernels.h):
 // the dimensions laid out inside the channel dimension form one block of stride(1) elements,
 // whatever the dimension order (contiguous, channels_last, other permutations).

@@ -35,14 +35,11 @@ at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& runnin
   const DType dtype = batch_norm_check_eval_args(input, running_mean, running_var, weight, bias, eps);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
-  const at::Tensor mean = running_mean.to(compute).contiguous();
+  BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, running_mean, std::nullopt, weight, bias);
   // 1 / sqrt(var + eps) in the compute dtype, rounded as the reference rounds it.
-  const at::Tensor invstd = (running_var.to(compute) + eps).sqrt_().reciprocal_();
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
-  const at::Tensor b = batch_norm_channel_array(bias, compute);
+  arrays.invstd = (running_var.to(compute) + eps).sqrt_().reciprocal_();
   at::Tensor output = empty_like_pooled(dense);
-  const BatchNormAffine affine{mean.data_ptr(), invstd.data_ptr(), data_or_null(w), data_or_null(b)};
-  batch_norm_elemt_cpu(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(), affine);
+  batch_norm_elemt_cpu(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(), arrays.affine());
   return output;
 }
 
@@ -59,13 +56,9 @@ at::Tensor batch_norm_elemt_cpu_op(const at::Tensor& input, const at::Tensor& me
   const DType dtype = batch_norm_check_elemt_args(input, mean, invstd, weight, bias);
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
-  const at::Tensor m = batch_norm_channel_array(mean, compute);
-  const at::Tensor s = batch_norm_channel_array(invstd, compute);
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
-  const at::Tensor b = batch_norm_channel_array(bias, compute);
+  const BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, mean, invstd, weight, bias);
   at::Tensor output = empty_like_pooled(dense);
-  const BatchNormAffine affine{m.data_ptr(), s.data_ptr(), data_or_null(w), data_or_null(b)};
-  batch_norm_elemt_cpu(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(), affine);
+  batch_norm_elemt_cpu(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(), arrays.affine());
   return output;
 }
 
@@ -78,26 +71,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(const at:
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor dy = batch_norm_match_layout(grad_output, dense);
-  const at::Tensor m = batch_norm_channel_array(mean, compute);
-  const at::Tensor s = batch_norm_channel_array(invstd, compute);
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
+  const BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, mean, invstd, weight);
+  const BatchNormAffine affine = arrays.affine();
   const BatchNormLayout layout = batch_norm_layout(dense);
   at::Tensor grad_input = empty_like_pooled(dense);
   at::Tensor sum_dy = channel_tensor(input), sum_dy_xmu = channel_tensor(input);
-  const BatchNormAffine affine{m.data_ptr(), s.data_ptr(), data_or_null(w), nullptr};
   if (training) {
     batch_norm_backward_train_cpu(layout, dtype, dy.data_ptr(), dense.data_ptr(), grad_input.data_ptr(), affine,
                                   sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
   } else {
     // Eval: the input gradient needs no reduction, grad_weight and grad_bias still do.
-    batch_norm_backward_reduce_cpu(layout, dtype, dy.data_ptr(), dense.data_ptr(), m.data_ptr(), sum_dy.data_ptr(),
+    batch_norm_backward_reduce_cpu(layout, dtype, dy.data_ptr(), dense.data_ptr(), affine.mean, sum_dy.data_ptr(),
                                    sum_dy_xmu.data_ptr());
     batch_norm_backward_elemt_cpu(layout, dtype, dy.data_ptr(), dense.data_ptr(), grad_input.data_ptr(), affine,
                                   nullptr, nullptr, 0);
   }
   const at::ScalarType out_dtype =
       weight.has_value() && weight->defined() ? weight->scalar_type() : compute;
-  at::Tensor grad_weight = sum_dy_xmu.mul(s).to(out_dtype);
+  at::Tensor grad_weight = sum_dy_xmu.mul(arrays.invstd).to(out_dtype);
   at::Tensor grad_bias = sum_dy.to(out_dtype);
   return {grad_input, grad_weight, grad_bias};
 }
@@ -124,15 +115,12 @@ at::Tensor batch_norm_backward_elemt_cpu_op(const at::Tensor& grad_output, const
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor dy = batch_norm_match_layout(grad_output, dense);
-  const at::Tensor m = batch_norm_channel_array(mean, compute);
-  const at::Tensor s = batch_norm_channel_array(invstd, compute);
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
+  const BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, mean, invstd, weight);
   const at::Tensor sdy = batch_norm_channel_array(sum_dy, compute);
   const at::Tensor sdyx = batch_norm_channel_array(sum_dy_xmu, compute);
   at::Tensor grad_input = empty_like_pooled(dense);
-  const BatchNormAffine affine{m.data_ptr(), s.data_ptr(), data_or_null(w), nullptr};
   batch_norm_backward_elemt_cpu(batch_norm_layout(dense), dtype, dy.data_ptr(), dense.data_ptr(),
-                                grad_input.data_ptr(), affine, sdy.data_ptr(), sdyx.data_ptr(), count);
+                                grad_input.data_ptr(), arrays.affine(), sdy.data_ptr(), sdyx.data_ptr(), count);
   return grad_input;
 }
 

@@ -70,20 +70,17 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const at::Tensor& runni
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
-  const at::Tensor mean = running_mean.to(compute).contiguous();
-  const at::Tensor var = running_var.to(compute).contiguous();
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
-  const at::Tensor b = batch_norm_channel_array(bias, compute);
-  at::Tensor invstd = channel_tensor(input);
+  BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, running_mean, std::nullopt, weight, bias);
+  const at::Tensor var = batch_norm_channel_array(running_var, compute);
+  arrays.invstd = channel_tensor(input);
   at::Tensor output = at::empty_like(dense);
   void* stream = current_stream();
   // 1 / sqrt(var + eps) in the compute dtype, on the device, rounded as the reference rounds it.
   check_launch(batch_norm_invstd_cuda(input.size(1), compute_kernel_dtype(input), var.data_ptr(), eps,
-                                      invstd.data_ptr(), stream),
+                                      arrays.invstd.data_ptr(), stream),
                op);
-  const BatchNormAffine affine{mean.data_ptr(), invstd.data_ptr(), data_or_null(w), data_or_null(b)};
-  check_launch(batch_norm_elemt_cuda(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(), affine,
-                                     stream),
+  check_launch(batch_norm_elemt_cuda(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(),
+                                     arrays.affine(), stream),
                op);
   return output;
 }
@@ -109,14 +106,10 @@ at::Tensor batch_norm_elemt_cuda_op(const at::Tensor& input, const at::Tensor& m
   const c10::cuda::CUDAGuard guard(cuda_device(input, op));
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
-  const at::Tensor m = batch_norm_channel_array(mean, compute);
-  const at::Tensor s = batch_norm_channel_array(invstd, compute);
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
-  const at::Tensor b = batch_norm_channel_array(bias, compute);
+  const BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, mean, invstd, weight, bias);
   at::Tensor output = at::empty_like(dense);
-  const BatchNormAffine affine{m.data_ptr(), s.data_ptr(), data_or_null(w), data_or_null(b)};
-  check_launch(batch_norm_elemt_cuda(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(), affine,
-                                     current_stream()),
+  check_launch(batch_norm_elemt_cuda(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(),
+                                     arrays.affine(), current_stream()),
                op);
   return output;
 }
@@ -132,9 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(const at
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor dy = batch_norm_match_layout(grad_output, dense);
-  const at::Tensor m = batch_norm_channel_array(mean, compute);
-  const at::Tensor s = batch_norm_channel_array(invstd, compute);
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
+  const BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, mean, invstd, weight);
+  const BatchNormAffine affine = arrays.affine();
   const BatchNormLayout layout = batch_norm_layout(dense);
   at::Tensor grad_input = at::empty_like(dense);
   at::Tensor sum_dy = channel_tensor(input), sum_dy_xmu = channel_tensor(input);
@@ -144,18 +136,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(const at
   at::Tensor scratch = workspace(layout, dtype, dense);
   void* stream = current_stream();
   // Both forms reduce (grad_weight and grad_bias need the sums); eval's dx needs no sums.
-  check_launch(batch_norm_backward_reduce_cuda(layout, dtype, dy.data_ptr(), dense.data_ptr(), m.data_ptr(),
+  check_launch(batch_norm_backward_reduce_cuda(layout, dtype, dy.data_ptr(), dense.data_ptr(), affine.mean,
                                                sum_dy.data_ptr(), sum_dy_xmu.data_ptr(),
                                                scratch.defined() ? scratch.data_ptr() : nullptr, stream),
                op);
-  const BatchNormAffine affine{m.data_ptr(), s.data_ptr(), data_or_null(w), nullptr};
   check_launch(batch_norm_backward_elemt_cuda(layout, dtype, dy.data_ptr(), dense.data_ptr(), grad_input.data_ptr(),
                                               affine, training ? sum_dy.data_ptr() : nullptr,
                                               training ? sum_dy_xmu.data_ptr() : nullptr,
                                               training ? layout.count() : 0, stream),
                op);
   check_launch(batch_norm_grad_affine_cuda(input.size(1), compute_kernel_dtype(input), kernel_dtype(grad_weight, op),
-                                           sum_dy.data_ptr(), sum_dy_xmu.data_ptr(), s.data_ptr(),
+                                           sum_dy.data_ptr(), sum_dy_xmu.data_ptr(), affine.invstd,
                                            grad_weight.data_ptr(), grad_bias.data_ptr(), stream),
                op);
   return {grad_input, grad_weight, grad_bias};
@@ -191,16 +182,13 @@ at::Tensor batch_norm_backward_elemt_cuda_op(const at::Tensor& grad_output, cons
   const at::ScalarType compute = batch_norm_compute_dtype(input.scalar_type());
   const at::Tensor dense = memory_dense(input);
   const at::Tensor dy = batch_norm_match_layout(grad_output, dense);
-  const at::Tensor m = batch_norm_channel_array(mean, compute);
-  const at::Tensor s = batch_norm_channel_array(invstd, compute);
-  const at::Tensor w = batch_norm_channel_array(weight, compute);
+  const BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, mean, invstd, weight);
   const at::Tensor sdy = batch_norm_channel_array(sum_dy, compute);
   const at::Tensor sdyx = batch_norm_channel_array(sum_dy_xmu, compute);
   at::Tensor grad_input = at::empty_like(dense);
-  const BatchNormAffine affine{m.data_ptr(), s.data_ptr(), data_or_null(w), nullptr};
   check_launch(batch_norm_backward_elemt_cuda(batch_norm_layout(dense), dtype, dy.data_ptr(), dense.data_ptr(),
-                                              grad_input.data_ptr(), affine, sdy.data_ptr(), sdyx.data_ptr(), count,
-                                              current_stream()),
+                                              grad_input.data_ptr(), arrays.affine(), sdy.data_ptr(), sdyx.data_ptr(),
+                                              count, current_stream()),
                op);
   return grad_input;
 }
