@@ -65,7 +65,7 @@ def dropout(
     """
     check_p(p)
     mode = _mask_mode(mask_mode)
-    if not training:
+    if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
         return input
     check_input(input)
     if inplace:
@@ -78,18 +78,39 @@ def dropout(
 def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool) -> torch.Tensor:
     """Zeroes whole channels: one decision per (N, C), broadcast over the remaining dims."""
     check_p(p)
-    if not training:
+    if not training or p == 0 or input.numel() == 0:
         return input
+    check_input(input)
+    if input.dim() < 2 and p < 1:  # torch's message; p = 1 zeroes everything without channels
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     noise_shape = (*input.shape[:2],) + (1,) * (input.dim() - 2)
     ones = torch.ones(noise_shape, dtype=input.dtype, device=input.device)
     noise = torch.ops.fastreg.dropout(ones, p, MASK_MODES["regenerate"], None)[0]
     return input.mul_(noise) if inplace else input * noise
 
 
-def _unbatched(fn, input: torch.Tensor, batched_dim: int, *args) -> torch.Tensor:
+def _unbatched(input: torch.Tensor, batched_dim: int, p: float, training: bool, inplace: bool) -> torch.Tensor:
+    """torch's rule for dropout1d/3d: an input without the batched rank gets a batch dim of 1."""
     if input.dim() == batched_dim:
-        return fn(input, *args)
-    return fn(input.unsqueeze(0), *args).squeeze(0)
+        return _feature_dropout(input, p, training, inplace)
+    output = _feature_dropout(input.unsqueeze(0), p, training, inplace)
+    return input if inplace else output.squeeze(0)  # inplace: the input object, as torch returns
+
+
+def _warn(message: str) -> None:
+    """Warns at the caller of dropout2d/3d. Dynamo cannot trace warnings.warn (an error under
+    fullgraph=True), so a compiled call warns while it is traced, as torch's dropout2d/3d do."""
+    if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime
+
+        comptime(_warn_while_tracing)
+    else:
+        warnings.warn(message, stacklevel=3)
+
+
+def _warn_while_tracing(ctx) -> None:
+    # comptime takes no closures: the message is read from _warn's frame, which Dynamo is tracing.
+    warnings.warn(ctx.get_local("message").as_python_constant())
 
 
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
@@ -101,21 +122,21 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 spatial dimension, "
             "a channel dimension, and an optional batch dimension (i.e. 2D or 3D inputs)."
         )
-    return _unbatched(_feature_dropout, input, 3, p, training, inplace)
+    return _unbatched(input, 3, p, training, inplace)
 
 
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout2d``, warnings included."""
     check_p(p)
     if input.dim() not in (3, 4):
-        warnings.warn(
+        _warn(
             f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated and will result in "
             "an error in a future release. To retain the behavior and silence this warning, please use "
             "dropout instead. Note that dropout2d exists to provide channel-wise dropout on inputs with 2 "
             "spatial dimensions, a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs)."
         )
     if input.dim() == 3:
-        warnings.warn(
+        _warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout behavior "
             "is desired - input is interpreted as shape (N, C, L), where C is the channel dim. This behavior "
             "will change in a future release to interpret the input as one without a batch dimension, i.e. "
@@ -129,14 +150,13 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
     """Drop-in for ``torch.nn.functional.dropout3d``: zeroes whole channels of (N, C, D, H, W) or (C, D, H, W)."""
     check_p(p)
     if input.dim() not in (4, 5):
-        warnings.warn(
+        _warn(
             f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated and will result "
             "in an error in a future release. To retain the behavior and silence this warning, please use "
             "dropout instead. Note that dropout3d exists to provide channel-wise dropout on inputs with 3 "
             "spatial dimensions, a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs)."
         )
-        return _feature_dropout(input, p, training, inplace)
-    return _unbatched(_feature_dropout, input, 5, p, training, inplace)
+    return _unbatched(input, 5, p, training, inplace)
 
 
 def batch_norm(

@@ -267,3 +267,99 @@ def test_dropout_with_mask_returns_the_mask_it_applied(device):
     assert same is x and bool(all_kept.all())
     with pytest.raises(ValueError, match="bool' or 'bits"):
         F.dropout_with_mask(x, 0.3, mask_mode="regenerate")
+
+
+def rng_states(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if device == "cuda" else None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", ["dropout", "dropout2d"])
+def test_p_zero_and_empty_inputs_return_the_input_like_torch(device, fn):
+    # torch returns the input itself, draws nothing and checks nothing more: p = 0 layers
+    # (inplace too, on a leaf) and integer tensors pass through untouched.
+    ours, theirs = getattr(F, fn), getattr(torch.nn.functional, fn)
+    cases = [
+        (torch.randn(2, 3, 4, 5, device=device)[:, :, ::2], 0.0),
+        (torch.arange(24, device=device).reshape(2, 3, 2, 2), 0.0),
+        (torch.empty(0, 3, 4, 5, device=device), 0.5),
+    ]
+    for x, p in cases:
+        assert theirs(x, p) is x
+        before = rng_states(device)
+        assert ours(x, p) is x
+        assert all(a is b or torch.equal(a, b) for a, b in zip(before, rng_states(device))), "nothing drawn"
+    leaf = torch.ones(2, 3, 4, 5, device=device, requires_grad=True)
+    assert theirs(leaf, 0.0, inplace=True) is leaf
+    assert ours(leaf, 0.0, inplace=True) is leaf
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (64, 8, 3), (64, 2, 3, 2, 2, 2)])
+def test_dropout3d_treats_other_ranks_as_unbatched_like_torch(shape):
+    # torch adds a batch dim to anything not 5-D: one decision per index of dim 0.
+    x = torch.rand(shape) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for fn in (torch.nn.functional.dropout3d, F.dropout3d):
+            y = fn(x, 0.5).reshape(shape[0], -1)
+            assert bool(((y == 0).all(1) | (y != 0).all(1)).all()), fn
+
+
+@pytest.mark.parametrize("fn,dim", [("dropout2d", 0), ("dropout2d", 1), ("dropout3d", 0)])
+def test_feature_dropout_of_fewer_than_two_dims_raises_like_torch(fn, dim):
+    x = torch.ones((5,) * dim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for f in (getattr(torch.nn.functional, fn), getattr(F, fn)):
+            with pytest.raises(RuntimeError, match="at least 2 dimensions"):
+                f(x, 0.5)
+            assert torch.equal(f(x, 1.0), torch.zeros_like(x)), "p = 1 needs no channels"
+            assert f(x, 0.5, training=False).shape == x.shape
+
+
+def test_feature_dropout_rejects_sparse_input_like_torch():
+    x = torch.ones(2, 3, 4, 4).to_sparse()
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.dropout2d(x, 0.5)
+    with pytest.raises(RuntimeError, match="strided"):
+        F.dropout2d(x, 0.5)
+
+
+@pytest.mark.parametrize("fn,shape", [("dropout1d", (8, 10)), ("dropout3d", (8, 2, 3, 3))])
+@pytest.mark.parametrize("training", [True, False])
+def test_unbatched_inplace_feature_dropout_returns_the_input(fn, shape, training):
+    for f in (getattr(torch.nn.functional, fn), getattr(F, fn)):
+        x = torch.rand(shape) + 1
+        assert f(x, 0.5, training, inplace=True) is x
+        assert x.shape == shape
+        if training:
+            per_channel = x.reshape(shape[0], -1)
+            assert bool(((per_channel == 0).all(1) | (per_channel != 0).all(1)).all())
+            assert (per_channel == 0).any(), "dropped in place"
+
+
+def test_feature_dropout_warnings_name_the_callers_line_like_torch():
+    for fn, shape in [("dropout2d", (2, 3, 4)), ("dropout2d", (2, 3)), ("dropout3d", (2, 3, 4))]:
+        for f in (getattr(torch.nn.functional, fn), getattr(F, fn)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                f(torch.ones(shape), 0.5)
+            assert caught and all(w.filename == __file__ for w in caught), (f, [w.filename for w in caught])
+
+
+@pytest.mark.parametrize("module,shape", [(fastreg.Dropout2d, (4, 8, 8)), (fastreg.Dropout3d, (4, 8, 8))])
+@pytest.mark.parametrize("training", [True, False])
+def test_feature_dropout_compiles_fullgraph_on_inputs_it_warns_about(module, shape, training):
+    # torch's Dropout2d/3d compile with fullgraph=True here and warn while tracing.
+    torch._dynamo.reset()
+    m = module(0.5).train(training)
+    x = torch.rand(shape) + 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert any("deprecated" in str(w.message) or "assuming" in str(w.message) for w in caught)
+    assert y.shape == x.shape
+    if training:
+        assert set(y.unique().tolist()) <= {0.0} | set((x * 2).unique().tolist())
+    else:
+        assert torch.equal(y, x)
