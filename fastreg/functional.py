@@ -8,6 +8,7 @@ import torch
 
 from .ops import dropout as _dropout_ops
 from .penalty import weight_penalty  # noqa: F401  (fastreg.functional.weight_penalty)
+from .reference import batch_norm as _batch_norm_ref
 from .reference.dropout import check_input, check_p
 
 #: mask storage for backward -> the op's mask_mode
@@ -185,6 +186,11 @@ def batch_norm(
         if running_mean is None or running_var is None:
             raise RuntimeError("fastreg.batch_norm: running_mean and running_var must be given in evaluation mode")
         return torch.ops.fastreg.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    # Checked before the op, as torch does: the update after it would fail half-way, or take any dtype.
+    _batch_norm_ref.check_channel(running_mean, input, "fastreg.batch_norm", "running_mean")
+    _batch_norm_ref.check_channel(running_var, input, "fastreg.batch_norm", "running_var")
     output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)
     if input.numel() > 0:  # like torch: an empty batch leaves the running statistics alone
         count = input.numel() // input.shape[1]
@@ -197,7 +203,15 @@ def _verify_batch_size(input: torch.Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
-def update_running_stats(running_mean, running_var, mean, unbiased_var, momentum: float) -> None:
+# Annotated for torch.jit.script (it scripts torch's BatchNorm, so fastreg's must script too): to
+# it an unannotated argument is a Tensor, never None.
+def update_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    unbiased_var: torch.Tensor,
+    momentum: float,
+) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, in place, in the statistics' precision."""
     with torch.no_grad():
         if running_mean is not None:

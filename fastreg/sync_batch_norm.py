@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 OPS = torch.ops.fastreg
+# torch 2.13 deprecates all_gather_into_tensor (with a FutureWarning) for this new name.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _merge(gathered: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,7 +38,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         count = torch.full((1,), input.numel() // channels if channels else 0, dtype=mean.dtype, device=input.device)
         local = torch.cat([mean, var, count])
         gathered = local.new_empty((world_size * local.numel(),))  # flat: gloo takes no 2-D output
-        dist.all_gather_into_tensor(gathered, local, group=process_group)
+        _all_gather(gathered, local, group=process_group)
         global_mean, global_var, total = _merge(gathered.view(world_size, -1), channels)
         mean = global_mean.to(mean.dtype)
         invstd = torch.rsqrt(global_var + eps).to(mean.dtype)

@@ -3,13 +3,17 @@ formats, running statistics, modules, errors, and the ops under opcheck/gradchec
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import fastreg
 from fastreg.reference import batch_norm as ref
+from fastreg.sync_batch_norm import SyncBatchNormFunction
 from fastreg.testing import mismatch, opcheck
 
 from .helpers import DEVICES
@@ -286,6 +290,22 @@ def test_module_compiles_fullgraph(device):
     assert int(compiled_model[1].num_batches_tracked) == 2
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_scripts(momentum):
+    """torch.jit.script takes torch's BatchNorm, so it must take fastreg's."""
+    use_kernels("cpu")
+    theirs, ours = nn.BatchNorm2d(5, momentum=momentum), fastreg.BatchNorm2d(5, momentum=momentum)
+    scripted = torch.jit.script(ours)
+    for step in range(2):
+        x = sample((4, 5, 3, 3), torch.float32, "cpu", seed=step, mean=step)
+        assert_close(scripted(x), theirs(x), torch.float32)
+    for name, value in theirs.state_dict().items():
+        assert_close(scripted.state_dict()[name].float(), value.float(), torch.float32)
+    scripted.eval(), theirs.eval()
+    assert_close(scripted(x), theirs(x), torch.float32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [True, False])
@@ -369,6 +389,52 @@ def test_errors():
         OPS.batch_norm_backward(torch.randn(4, 3), x, torch.zeros(3), torch.ones(3), None, True)
     with pytest.raises(RuntimeError, match="strided"):
         OPS.batch_norm_train(torch.randn(4, 3).to_sparse(), None, None, 1e-5)
+
+
+def test_training_checks_the_running_statistics():
+    """As torch: wrong running statistics are an error before anything runs or is updated."""
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(RuntimeError, match="running_mean must be 1-D with 3 elements"):
+        fastreg.functional.batch_norm(x, torch.zeros(4), torch.ones(4), training=True)
+    with pytest.raises(TypeError, match="running_var has dtype torch.float16"):
+        fastreg.functional.batch_norm(x, torch.zeros(3), torch.ones(3, dtype=torch.float16), training=True)
+    running_mean = torch.zeros(3)
+    with pytest.raises(ValueError, match="either both be None or neither be None"):
+        fastreg.functional.batch_norm(x, running_mean, None, training=True)
+    assert torch.equal(running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_is_an_error(training):
+    """Not supported (docs/batch_norm.md): an error, not silently zero second derivatives."""
+    use_kernels("cpu")
+    bn = fastreg.BatchNorm2d(3, dtype=torch.float64).train(training)
+    x = sample((4, 3, 5, 5), torch.float64, "cpu").requires_grad_()
+    (gx,) = torch.autograd.grad(bn(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.square().sum().backward()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_sync_function_in_one_process_group(tmp_path):
+    """SyncBatchNorm's collectives in a group of one: batch norm's results, no deprecation warnings."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        x = sample((4, 3, 5, 6), torch.float32, "cpu").requires_grad_()
+        w = sample((3,), torch.float32, "cpu", seed=1).requires_grad_()
+        b = sample((3,), torch.float32, "cpu", seed=2).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            y = SyncBatchNormFunction.apply(x, w, b, 1e-5, dist.group.WORLD, 1)[0]
+            grads = torch.autograd.grad(y, (x, w, b), sample(x.shape, torch.float32, "cpu", seed=5))
+    finally:
+        dist.destroy_process_group()
+    expected = F.batch_norm(x, None, None, w, b, True)
+    assert_close(y, expected, torch.float32)
+    expected_grads = torch.autograd.grad(expected, (x, w, b), sample(x.shape, torch.float32, "cpu", seed=5))
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

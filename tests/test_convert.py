@@ -80,3 +80,16 @@ def test_bad_mask_mode_is_rejected_before_anything_changes():
     with pytest.raises(ValueError, match="mask_mode"):
         fastreg.convert(m, mask_mode="bytes")
     assert type(m[1]) is nn.Dropout
+
+
+def test_sync_batch_norm_convert_sync_batchnorm_gives_fastregs():
+    """fastreg.SyncBatchNorm.convert_sync_batchnorm, like torch's, but with fastreg's layers."""
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.fill_(0.5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.Sequential(fastreg.BatchNorm1d(4), nn.Dropout(0.1)))
+    converted = fastreg.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model
+    assert type(model[1]) is fastreg.SyncBatchNorm and torch.equal(model[1].running_mean, bn.running_mean)
+    assert type(model[2][0]) is fastreg.SyncBatchNorm
+    assert type(model[2][1]) is nn.Dropout, "only batch norm is converted"
+    assert type(fastreg.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(4))) is fastreg.SyncBatchNorm

@@ -59,6 +59,7 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
     process of ``process_group`` (one all_gather forward, one all_reduce backward; NCCL on GPU,
     gloo on CPU). Without an initialised process group of more than one process, or in eval
     mode, it is ``fastreg.BatchNorm``. Build one from a model with
+    ``fastreg.SyncBatchNorm.convert_sync_batchnorm(model)``, or
     ``fastreg.convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -76,3 +77,13 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
             unbiased = (var * total / (total - 1)).to(mean.dtype)
             F.update_running_stats(self.running_mean, self.running_var, mean, unbiased, factor)
         return output
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, giving fastreg's SyncBatchNorm
+        layers (torch's builds ``torch.nn.SyncBatchNorm`` whatever class it is called on)."""
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        for layer in module.modules():
+            if type(layer) is torch.nn.SyncBatchNorm:
+                layer.__class__ = SyncBatchNorm
+        return module

@@ -156,3 +156,13 @@ def _eval_grad(ctx, grad_output):
 
 
 torch.library.register_autograd("fastreg::batch_norm_eval", _eval_grad, setup_context=_eval_setup)
+
+
+# The backward ops are not differentiable, and the saved statistics carry no gradient: without
+# an autograd kernel, double backward would run through them and give zeros, silently.
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastreg.batch_norm: double backward is not supported")
+
+
+for _name in ("batch_norm_backward", "batch_norm_backward_reduce", "batch_norm_backward_elemt"):
+    torch.library.register_autograd(f"fastreg::{_name}", _no_double_backward)
