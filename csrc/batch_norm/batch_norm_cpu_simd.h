@@ -68,6 +68,7 @@ struct VecOf {
 
 struct IsaBase {
   static constexpr int kBytes = 32;
+  static constexpr int kStripVecs = 2;  // vectors per row-walk strip: its 3 arrays of accumulators fit the registers
   template <typename U32, typename U16>
   static inline U32 widen16(const U16& v) {
     return widen(v);
@@ -113,6 +114,7 @@ struct F16cScalar {
 
 struct IsaAvx2 : F16cScalar {
   static constexpr int kBytes = 32;
+  static constexpr int kStripVecs = 4;
   // GCC splits and re-joins these conversions when written with __builtin_convertvector.
   template <typename U32, typename U16>
   __attribute__((target("avx2"))) static inline U32 widen16(const U16& v) {
@@ -158,6 +160,7 @@ struct IsaAvx2 : F16cScalar {
 
 struct IsaAvx512 : F16cScalar {
   static constexpr int kBytes = 64;
+  static constexpr int kStripVecs = 8;
   template <typename U32, typename U16>
   __attribute__((target("avx512f"))) static inline U32 widen16(const U16& v) {
     if constexpr (sizeof(U16) == 32) {
@@ -216,6 +219,7 @@ struct Io {
   static constexpr int kDLanes = Isa::kBytes / 8;
   static constexpr int kHalves = std::is_same_v<A, double> ? 1 : 2;
   static constexpr int kStoreBytes = kLanes * static_cast<int>(sizeof(T));
+  static constexpr int kStripVecs = Isa::kStripVecs;
 
   static inline V splat(A a) { return V{} + a; }
 

@@ -87,12 +87,13 @@ DType dtype_of<c10::BFloat16>() {
 
 // The layouts every test walks: NCHW-like, channels-last, a small inner (row walk with several
 // columns per channel), a row whose width is not a whole number of vectors, one large channel
-// (split across threads and into pieces), few channels with long runs; last, two layouts whose
-// float outputs pass 4 MB, so they are written with non-temporal stores, with runs and rows
-// that start and end inside cache lines.
+// (split across threads and into pieces), few channels with long runs, rows of whole vectors
+// that the row walk cuts into register strips of every width (144 columns: strips and single
+// vectors on AVX-512 and AVX2); last, two layouts whose float outputs pass 4 MB, so they are
+// written with non-temporal stores, with runs and rows that start and end inside cache lines.
 const BatchNormLayout kLayouts[] = {
-    {4, 3, 37},    {2, 5, 1000},  {50, 7, 1}, {9, 64, 1}, {6, 4, 3},       {1, 1, 70001},
-    {3, 2, 9000},  {1, 1, 1},     {2, 1, 5},  {33, 130, 1}, {40, 7, 3737}, {52429, 5, 4},
+    {4, 3, 37},  {2, 5, 1000}, {50, 7, 1},    {9, 64, 1},    {6, 4, 3},     {1, 1, 70001}, {3, 2, 9000},
+    {1, 1, 1},   {2, 1, 5},    {33, 130, 1},  {300, 144, 1}, {70, 36, 4},   {40, 7, 3737}, {52429, 5, 4},
 };
 
 template <typename T>
