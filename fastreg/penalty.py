@@ -29,10 +29,12 @@ like real models (:func:`resnet50_like_params`, :func:`gpt2_small_like_params`,
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .ops import weight_penalty as _ops  # noqa: F401  (defines the ops)
 from .reference.weight_penalty import SUPPORTED_DTYPES, check_coefficients, naive_penalty
@@ -49,10 +51,42 @@ __all__ = [
 ]
 
 
+def _check_ordered(params, where: str) -> None:
+    # The order of the tensors is the order of the sums: a set's changes from run to run.
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(
+            f"{where}: params is a set, whose order (and so the value's last bits) changes from run to run; pass a list"
+        )
+
+
+def _coefficients(l1, l2) -> tuple[float, float]:
+    """The coefficients as checked floats; one-element tensors are taken by value."""
+    out = []
+    for name, c in (("l1", l1), ("l2", l2)):
+        if isinstance(c, torch.Tensor):
+            # The ops take numbers: the penalty has no gradient for its coefficients.
+            if c.requires_grad:
+                raise TypeError(
+                    f"fastreg.weight_penalty: {name} is a tensor that requires grad; the penalty is not "
+                    "differentiable with respect to its coefficients, pass a number"
+                )
+            if c.numel() != 1:
+                raise ValueError(
+                    f"fastreg.weight_penalty: {name} must be one number, got a tensor of shape {list(c.shape)}"
+                )
+        elif not isinstance(c, numbers.Real):
+            raise TypeError(f"fastreg.weight_penalty: {name} must be a number, got {type(c).__name__}")
+        out.append(float(c))
+    check_coefficients(*out)
+    return out[0], out[1]
+
+
 def _by_device(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
     """The tensors grouped by device, in order of first appearance (one op call per device)."""
     groups: dict[torch.device, list[torch.Tensor]] = {}
-    for p in params:
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"fastreg.weight_penalty: params[{i}] is a {type(p).__name__}, not a tensor")
         groups.setdefault(p.device, []).append(p)
     return list(groups.values())
 
@@ -67,12 +101,19 @@ def _sum_values(values: list[torch.Tensor]) -> torch.Tensor:
 def weight_penalty(params: Iterable[torch.Tensor], l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
     """``l1 * sum(|p|) + l2 * sum(p ** 2)`` over all ``params``, differentiable.
 
+    ``params`` is an iterable of tensors (a list, ``model.parameters()``) or one tensor.
+    ``l1`` and ``l2`` are numbers; a one-element tensor is taken by value, but not one that
+    requires grad (the penalty has no gradient for its coefficients).
+
     Parameters may mix dtypes (float64/32/16, bfloat16) and devices; each device's tensors
     take one multi-tensor pass. Returns a 0-dim float32 tensor (float64 when a parameter is
     float64) on the first parameter's device; its gradient with respect to each ``p`` is
     ``l1 * sign(p) + 2 * l2 * p``.
     """
-    check_coefficients(l1, l2)
+    l1, l2 = _coefficients(l1, l2)
+    if isinstance(params, torch.Tensor):
+        params = [params]  # not its rows
+    _check_ordered(params, "fastreg.weight_penalty")
     groups = _by_device(params)
     if not groups:
         return torch.zeros((), dtype=torch.float32)
@@ -86,7 +127,9 @@ def select_decay_parameters(
     (Conv1d/2d/3d and transposed), not biases, norm-layer scales and shifts or embeddings.
 
     Pass other ``decay_types`` to widen or narrow the choice. Shared weights appear once;
-    frozen ones (``requires_grad=False``) are left out. Typical use::
+    frozen ones (``requires_grad=False``) are left out. A parametrized weight (``torch.nn.utils.
+    parametrizations.weight_norm``, ``spectral_norm``, ...) is computed from other tensors: its
+    ``original`` tensors (``original0``, ``original1``, ... for weight norm) are taken. Typical use::
 
         decay = fastreg.select_decay_parameters(model)
         penalty = fastreg.WeightPenalty(decay, l2=1e-4)
@@ -94,10 +137,16 @@ def select_decay_parameters(
     selected: list[nn.Parameter] = []
     seen: set[int] = set()
     for child in module.modules():
-        weight = getattr(child, "weight", None) if isinstance(child, decay_types) else None
-        if isinstance(weight, nn.Parameter) and weight.requires_grad and id(weight) not in seen:
-            seen.add(id(weight))
-            selected.append(weight)
+        if not isinstance(child, decay_types):
+            continue
+        if parametrize.is_parametrized(child, "weight"):
+            weights = list(child.parametrizations.weight.parameters(recurse=False))
+        else:
+            weights = [getattr(child, "weight", None)]
+        for weight in weights:
+            if isinstance(weight, nn.Parameter) and weight.requires_grad and id(weight) not in seen:
+                seen.add(id(weight))
+                selected.append(weight)
     return selected
 
 
@@ -106,24 +155,29 @@ class WeightPenalty:
 
     ``params`` is a module (its parameters that require grad), an iterable of tensors, or a
     list of dicts like optimizer parameter groups: ``{"params": [...], "l1": ..., "l2": ...}``
-    where a missing coefficient takes the constructor's. A parameter may appear only once.
+    where a missing coefficient takes the constructor's. A parameter may appear only once, and
+    must be a leaf tensor (a view of a parameter or a product of one has no ``.grad`` of its own
+    that an optimizer reads).
 
     * :meth:`add_grad_` (after ``loss.backward()``): ``p.grad += l1 * sign(p) + 2 * l2 * p``
-      for every parameter, allocating a zero ``.grad`` where it is None, and returns the
-      penalty value; one pass per group and device. Groups whose coefficients are both 0 are
-      skipped (their gradient is 0), so their ``.grad`` stays as it is, None included.
+      for every parameter that requires grad, allocating a zero ``.grad`` where it is None, and
+      returns the penalty value; one pass per group and device. As in the formula, a parameter
+      that does not require grad (frozen, also after the penalty was built) counts in the value
+      but gets no gradient: its ``.grad`` is left as it is. Groups whose coefficients are both 0
+      are skipped (their gradient is 0), so their ``.grad`` stays as it is, None included.
     * calling the object returns the penalty as a differentiable scalar (to add to the loss).
     * :meth:`value` returns it without building a graph.
     """
 
     def __init__(self, params, l1: float = 0.0, l2: float = 0.0) -> None:
-        check_coefficients(l1, l2)
+        l1, l2 = _coefficients(l1, l2)
         if isinstance(params, nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
         elif isinstance(params, torch.Tensor):
             raise TypeError(
                 "WeightPenalty: params must be an iterable of tensors, a module or a list of groups, got a tensor"
             )
+        _check_ordered(params, "WeightPenalty")
         raw_groups = list(params)
         if not raw_groups or not all(isinstance(g, dict) for g in raw_groups):
             raw_groups = [{"params": raw_groups}]
@@ -134,11 +188,10 @@ class WeightPenalty:
             tensors = group.get("params")
             if tensors is None:
                 raise ValueError(f"WeightPenalty: parameter group {index} has no 'params'")
+            _check_ordered(tensors, f"WeightPenalty: parameter group {index}")
             tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
             group["params"] = tensors
-            group.setdefault("l1", l1)
-            group.setdefault("l2", l2)
-            check_coefficients(group["l1"], group["l2"])
+            group["l1"], group["l2"] = _coefficients(group.get("l1", l1), group.get("l2", l2))
             for i, p in enumerate(tensors):
                 self._check_param(p, index, i)
                 if id(p) in seen:
@@ -158,6 +211,11 @@ class WeightPenalty:
             raise RuntimeError(f"{where} has layout {p.layout}; only strided (dense) parameters are supported")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{where} has dtype {p.dtype}; expected float64, float32, float16 or bfloat16")
+        if not p.is_leaf:
+            raise ValueError(
+                f"{where} is not a leaf tensor (a view of a parameter or the result of an operation): "
+                "its .grad is not the gradient an optimizer reads; pass the parameter itself"
+            )
 
     def __call__(self) -> torch.Tensor:
         values = [weight_penalty(g["params"], g["l1"], g["l2"]) for g in self.param_groups if g["params"]]
@@ -176,12 +234,17 @@ class WeightPenalty:
             if l1 == 0.0 and l2 == 0.0:
                 continue
             for params in _by_device(group["params"]):
+                trainable = [p for p in params if p.requires_grad]
+                frozen = [p for p in params if not p.requires_grad]
                 grads = []
-                for p in params:
+                for p in trainable:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
-                values.append(torch.ops.fastreg.weight_penalty_grad_(grads, params, l1, l2))
+                if trainable:
+                    values.append(torch.ops.fastreg.weight_penalty_grad_(grads, trainable, l1, l2))
+                if frozen:
+                    values.append(torch.ops.fastreg.weight_penalty_value(frozen, l1, l2))
         return _sum_values(values) if values else torch.zeros((), dtype=torch.float32)
 
     def __repr__(self) -> str:

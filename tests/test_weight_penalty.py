@@ -638,3 +638,108 @@ def test_cuda_matches_cpu_and_captures_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, value) and mismatch([s.cpu() for s in static], cpu_grads, exact=True) is None
+
+
+# --- inputs the user API must take like the formula, or name --------------------------------
+
+
+@pytest.mark.parametrize("shape", [(), (6, 5)])
+def test_functional_takes_one_tensor_as_one_parameter(shape):
+    # was iterated over: a 0-dim tensor raised "iteration over a 0-d tensor", a matrix became one tensor per row
+    use_kernels("cpu")
+    w = make([shape], zeros_every=3)[0].requires_grad_()
+    naive = w.detach().clone().requires_grad_()
+    value = penalty.weight_penalty(w, l1=0.3, l2=0.7)
+    value.backward()
+    ref.naive_penalty([naive], 0.3, 0.7).backward()
+    assert_value_close(value.detach(), [w], 0.3, 0.7)
+    assert mismatch(w.grad, naive.grad, exact=True) is None
+
+
+def test_functional_names_items_that_are_not_tensors():
+    # was AttributeError: 'str' object has no attribute 'device'
+    net = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"params\[0\] is a str, not a tensor"):
+        penalty.weight_penalty(dict(net.named_parameters()), l2=0.1)
+    with pytest.raises(TypeError, match=r"params\[0\] is a tuple, not a tensor"):
+        penalty.weight_penalty(net.named_parameters(), l2=0.1)
+
+
+def test_sets_of_parameters_are_rejected():
+    # a set's order changes from run to run, and with it the order of the sums (torch.optim rejects sets too)
+    params = {p.requires_grad_() for p in make([(3,), (4,)])}
+    with pytest.raises(TypeError, match="set"):
+        penalty.weight_penalty(params, l2=0.1)
+    with pytest.raises(TypeError, match="set"):
+        penalty.WeightPenalty(params, l2=0.1)
+    with pytest.raises(TypeError, match="set"):
+        penalty.WeightPenalty([{"params": params}], l2=0.1)
+
+
+def test_coefficients_given_as_tensors_or_not_numbers():
+    use_kernels("cpu")
+    w = make([(5, 4)])[0].requires_grad_()
+    expected = penalty.weight_penalty([w], l1=0.25, l2=0.5)
+    assert torch.equal(penalty.weight_penalty([w], l1=torch.tensor(0.25), l2=torch.tensor(0.5)), expected)
+    # the penalty has no gradient for its coefficients: one that requires grad would be cut off silently
+    learned = torch.tensor(0.25, requires_grad=True)
+    with pytest.raises(TypeError, match="l1 is a tensor that requires grad"):
+        penalty.weight_penalty([w], l1=learned)
+    with pytest.raises(TypeError, match="l2 is a tensor that requires grad"):
+        penalty.WeightPenalty([{"params": [w], "l2": learned}])
+    with pytest.raises(TypeError, match="l1 must be a number, got NoneType"):
+        penalty.WeightPenalty([{"params": [w], "l1": None}])
+    wp = penalty.WeightPenalty([w], l1=torch.tensor(0.25), l2=1)
+    assert wp.param_groups[0]["l1"] == 0.25 and type(wp.param_groups[0]["l1"]) is float
+    assert "l1=0.25, l2=1.0" in repr(wp)
+
+
+def test_add_grad_leaves_frozen_parameters_alone():
+    # The formula gives no gradient to a tensor that does not require grad (a frozen layer), but
+    # still counts its value; a .grad written there would make the optimizer move the frozen weight.
+    use_kernels("cpu")
+    a, b, c = (p.requires_grad_() for p in make([(20, 3), (7,), (4, 4)]))
+    wp = penalty.WeightPenalty([a, b, c], l1=0.1, l2=0.2)
+    b.requires_grad_(False)  # frozen after the penalty was built
+    c.requires_grad_(False)
+    c.grad = torch.ones(4, 4)  # left from before it was frozen
+    value = wp.add_grad_()
+    assert b.grad is None and torch.equal(c.grad, torch.ones(4, 4))
+    assert mismatch(a.grad, (0.1 * torch.sign(a) + 0.4 * a).detach(), exact=True) is None
+    assert_value_close(value, [a, b, c], 0.1, 0.2)
+
+
+def test_weight_penalty_rejects_non_leaf_tensors():
+    # was accepted: add_grad_ wrote the .grad of the view or product, the leaf's gradient got nothing
+    w = torch.randn(6, 4, requires_grad=True)
+    for non_leaf in (w[:, ::2], w.t(), w * 2):
+        with pytest.raises(ValueError, match=r"params\[0\] is not a leaf tensor"):
+            penalty.WeightPenalty([non_leaf], l2=0.1)
+    penalty.WeightPenalty([torch.randn(6, 4)[:, ::2]], l2=0.1)  # a view of a tensor without grad is a leaf
+
+
+def test_select_decay_parameters_takes_the_tensors_of_parametrized_weights():
+    # a parametrized weight (weight_norm, spectral_norm, ...) is computed from the originals the optimizer updates
+    linear = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(2, 3, 3))
+    net = nn.Sequential(linear, conv, nn.BatchNorm2d(3))
+    selected = penalty.select_decay_parameters(net)
+    originals = linear.parametrizations.weight
+    assert [id(p) for p in selected] == [
+        id(originals.original0),
+        id(originals.original1),
+        id(conv.parametrizations.weight.original),
+    ]
+
+
+def test_value_above_the_float32_range_is_inf_like_the_formula():
+    """A float32 value beyond float32's range is inf, as the naive formula's float32 sum is."""
+    use_kernels("cpu")
+    params = make([(40, 3), (9,)])
+    assert float(ref.naive_penalty(params, 1e38, 0.0)) == math.inf
+    assert float(OPS.weight_penalty_value(params, 1e38, 0.0)) == math.inf
+    big = [torch.full((1024,), 1e18)]  # each square fits in float32, their sum does not
+    assert float(ref.naive_penalty(big, 0.0, 1.0)) == math.inf
+    grad = torch.zeros(1024)
+    assert float(OPS.weight_penalty_grad_([grad], big, 0.0, 1.0)) == math.inf
+    assert torch.equal(grad, torch.full((1024,), 2e18)), "the gradients are still the formula's"

@@ -1,5 +1,7 @@
 // CPU implementations of the fastreg weight-penalty ops. The schemas are defined in
 // fastreg/ops/weight_penalty.py (so the ops exist, on the reference, without a compiler).
+#include <limits>
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -41,7 +43,15 @@ std::pair<double, double> run_cpu(const PenaltyBatch& batch, PenaltyMode mode, c
 
 at::Tensor value_tensor(at::TensorList params, double l1, double l2, std::pair<double, double> sums) {
   at::Tensor value = at::empty({}, penalty_value_options(params));
-  value.fill_(l1 * sums.first + l2 * sums.second);  // one rounding to the value's dtype
+  const double total = l1 * sums.first + l2 * sums.second;
+  // One rounding to the value's dtype, done here: fill_ refuses a finite double beyond float's
+  // range, where the naive formula (a float32 sum) gives inf, as IEEE 754 rounding does.
+  static_assert(std::numeric_limits<float>::is_iec559, "IEEE 754 float: out-of-range doubles round to inf");
+  if (value.scalar_type() == at::kFloat) {
+    value.fill_(static_cast<float>(total));
+  } else {
+    value.fill_(total);
+  }
   return value;
 }
 
