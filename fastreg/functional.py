@@ -194,7 +194,7 @@ def batch_norm(
     output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)
     if input.numel() > 0:  # like torch: an empty batch leaves the running statistics alone
         count = input.numel() // input.shape[1]
-        update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)), momentum)
+        update_running_stats(running_mean, running_var, mean, var, momentum, var_scale=count / (count - 1))
     return output
 
 
@@ -211,10 +211,21 @@ def update_running_stats(
     mean: torch.Tensor,
     unbiased_var: torch.Tensor,
     momentum: float,
+    var_scale: float = 1.0,
 ) -> None:
-    """``running = (1 - momentum) * running + momentum * batch``, in place, in the statistics' precision."""
+    """``running = (1 - momentum) * running + momentum * batch``, in place, in the statistics'
+    precision; the batch variance is ``unbiased_var * var_scale``."""
     with torch.no_grad():
+        # Two in-place ops per tensor: this runs once per layer and step, and on small layers the
+        # out-of-place form (five ops per tensor) cost more than the batch norm itself.
         if running_mean is not None:
-            running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
+            if running_mean.dtype == mean.dtype:
+                running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+            else:
+                running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
         if running_var is not None:
-            running_var.copy_(running_var.to(unbiased_var.dtype) * (1.0 - momentum) + unbiased_var * momentum)
+            if running_var.dtype == unbiased_var.dtype:
+                running_var.mul_(1.0 - momentum).add_(unbiased_var, alpha=momentum * var_scale)
+            else:
+                batch_var = unbiased_var * var_scale
+                running_var.copy_(running_var.to(batch_var.dtype) * (1.0 - momentum) + batch_var * momentum)
