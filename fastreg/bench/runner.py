@@ -17,7 +17,7 @@ import torch
 
 from .cases import BuiltCase, Case, Impl
 from .sets import DTYPE_NAMES, TimingPolicy
-from .timing import Timing, measure
+from .timing import Timing, measure_interleaved
 
 
 class Unavailable(Exception):
@@ -156,6 +156,7 @@ def run_case(
             for name in case.impl_names
         ]
     rows = []
+    passed: dict[str, Row] = {}
     for name in case.impl_names:
         impl = built.impls.get(name)
         row = _base_row(case, built, name, impl)
@@ -163,7 +164,6 @@ def run_case(
         if impl is None:
             row.status, row.message = SKIPPED, "not available in this build"
             continue
-        started = time.perf_counter()
         row.status, row.message = gate_impl(impl)
         if row.status != OK:
             progress(f"  {name:<14} {row.status.upper()}: {row.message}")
@@ -171,12 +171,18 @@ def run_case(
         if impl.saved_bytes is not None:
             saved = impl.saved_bytes()
             row.saved_bytes = math.nan if saved is None else saved
-        if time_it:
-            _fill_timing(row, measure(impl.run, case.device, policy))
-            spent = time.perf_counter() - started
-            progress(f"  {name:<14} {_format_ms(row.median_ms):>10}  {row.gbps:8.2f} GB/s  ({spent:.1f} s)")
-        else:
+        passed[name] = row
+        if not time_it:
             progress(f"  {name:<14} gate ok")
+        if case.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    if time_it and passed:
+        started = time.perf_counter()
+        timings = measure_interleaved({name: built.impls[name].run for name in passed}, case.device, policy)
+        for name, row in passed.items():
+            _fill_timing(row, timings[name])
+            progress(f"  {name:<14} {_format_ms(row.median_ms):>10}  {row.gbps:8.2f} GB/s")
+        progress(f"  (timed in turns, {time.perf_counter() - started:.1f} s)")
         if case.device.startswith("cuda"):
             torch.cuda.synchronize()
     derive(case, rows)

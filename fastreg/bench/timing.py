@@ -7,6 +7,10 @@ synchronisation per round, so host launch overhead overlaps the kernels as it do
 training step, and no per-call sync inflates small ops.
 Both: the gate's call comes first (compilation, JIT and caches are warm), then warm-up
 calls, then rounds; we keep every round's per-call time and report the median and spread.
+The implementations of one case take their rounds in turn (measure_interleaved): a machine
+whose speed drifts (a shared VM, a GPU warming up) then shifts them all alike, and the
+speedups, which compare them, stay true; timed one after another, a drift of 2x between the
+first and the last implementation went straight into the speedup.
 """
 
 from __future__ import annotations
@@ -95,35 +99,73 @@ def warm_up(fn: Callable[[], Any], device: str | torch.device, policy: TimingPol
     return best, calls
 
 
-def _rounds(
-    fn: Callable[[], Any], calls: int, rounds: int, device: str | torch.device, policy: TimingPolicy
-) -> list[float]:
-    """Per-call seconds of up to ``rounds`` rounds. When rounds run far slower than planned (a
-    busy shared machine), stop once min_rounds are in and twice the slow cap is spent."""
+def _rounds_in_turn(
+    plans: dict[str, tuple[Callable[[], Any], int, int]], device: str | torch.device, policy: TimingPolicy
+) -> dict[str, list[float]]:
+    """Per-call seconds of each plan's rounds (name -> (fn, calls per round, rounds)), the
+    plans taking one round each in turn. When a plan's rounds run far slower than planned (a
+    busy shared machine), it stops once min_rounds are in and twice the slow cap is spent."""
+    samples: dict[str, list[float]] = {name: [] for name in plans}
+    spent = dict.fromkeys(plans, 0.0)
+    budget = 2 * max(policy.max_time_s, policy.slow_cap_s)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection in the middle of a round is noise, not the op's cost
-    samples: list[float] = []
-    spent = 0.0
     try:
-        while len(samples) < rounds:
-            seconds = time_calls(fn, calls, device)
-            samples.append(seconds / calls)
-            spent += seconds
-            if spent > 2 * max(policy.max_time_s, policy.slow_cap_s) and len(samples) >= min(rounds, policy.min_rounds):
-                break
+        for turn in range(max((rounds for _, _, rounds in plans.values()), default=0)):
+            for name, (fn, calls, rounds) in plans.items():
+                enough = len(samples[name]) >= min(rounds, policy.min_rounds)
+                if turn >= rounds or (enough and spent[name] > budget):
+                    continue
+                seconds = time_calls(fn, calls, device)
+                samples[name].append(seconds / calls)
+                spent[name] += seconds
         return samples
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
+def _rounds(
+    fn: Callable[[], Any], calls: int, rounds: int, device: str | torch.device, policy: TimingPolicy
+) -> list[float]:
+    return _rounds_in_turn({"fn": (fn, calls, rounds)}, device, policy)["fn"]
+
+
+def _slow_timing(fn: Callable[[], Any], first: float, device: str | torch.device, policy: TimingPolicy) -> Timing:
+    # A slow implementation (the reference, on big inputs): the gate's call already warmed it,
+    # so its first timed call is the first round rather than a warm-up that only spends budget.
+    _, rounds = plan(first, policy)
+    return Timing([first] + _rounds(fn, 1, rounds - 1, device, policy), 1, 0)
+
+
 def measure(fn: Callable[[], Any], device: str | torch.device, policy: TimingPolicy) -> Timing:
     first = time_calls(fn, 1, device)
     if first >= policy.max_time_s:
-        # A slow implementation (the reference, on big inputs): the gate's call already warmed
-        # it, so this call is the first round rather than a warm-up that only spends budget.
-        _, rounds = plan(first, policy)
-        return Timing([first] + _rounds(fn, 1, rounds - 1, device, policy), 1, 0)
+        return _slow_timing(fn, first, device, policy)
     estimate, warmup_calls = warm_up(fn, device, policy)
     calls, rounds = plan(min(first, estimate), policy)
     return Timing(_rounds(fn, calls, rounds, device, policy), calls, warmup_calls + 1)
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], device: str | torch.device, policy: TimingPolicy
+) -> dict[str, Timing]:
+    """measure() for every implementation of a case, their rounds taken in turn. Slow ones
+    (a call longer than the per-implementation budget, i.e. the reference on big inputs) are
+    measured on their own afterwards: a round of theirs would stretch every turn."""
+    plans: dict[str, tuple[Callable[[], Any], int, int]] = {}
+    warmups: dict[str, int] = {}
+    slow: dict[str, float] = {}  # name -> its first call's seconds
+    for name, fn in fns.items():
+        first = time_calls(fn, 1, device)
+        if first >= policy.max_time_s:
+            slow[name] = first
+            continue
+        estimate, warmup_calls = warm_up(fn, device, policy)
+        calls, rounds = plan(min(first, estimate), policy)
+        plans[name], warmups[name] = (fn, calls, rounds), warmup_calls + 1
+    samples = _rounds_in_turn(plans, device, policy)
+    timings = {name: Timing(samples[name], calls, warmups[name]) for name, (_, calls, _) in plans.items()}
+    for name, first in slow.items():
+        timings[name] = _slow_timing(fns[name], first, device, policy)
+    return {name: timings[name] for name in fns}
