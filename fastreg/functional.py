@@ -189,6 +189,11 @@ def batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     # Checked before the op, as torch does: the update after it would fail half-way, or take any dtype.
+    if input.dim() < 2:  # first: the channel checks read input.shape[1] (the reference's message)
+        raise ValueError(
+            "fastreg.batch_norm: expected an input of shape (N, C, ...) with at least 2 dimensions, "
+            f"got {input.dim()}-D"
+        )
     _batch_norm_ref.check_channel(running_mean, input, "fastreg.batch_norm", "running_mean")
     _batch_norm_ref.check_channel(running_var, input, "fastreg.batch_norm", "running_var")
     output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)

@@ -3,6 +3,7 @@ formats, running statistics, modules, errors, and the ops under opcheck/gradchec
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -460,3 +461,66 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     assert_close(y, F.batch_norm(x, None, None, bn.weight, bn.bias, True), torch.float32)
     assert not torch.equal(bn.running_mean, before)
+
+
+def _bn_calls(x, c, dy=None):
+    """Every op with the per-channel tensors ``c`` (a callable giving one) and ``dy``."""
+    dy = x if dy is None else dy
+    return {
+        "batch_norm_train": lambda: OPS.batch_norm_train(x, c(), c(), 1e-5),
+        "batch_norm_eval": lambda: OPS.batch_norm_eval(x, c(), c(), c(), c(), 1e-5),
+        "batch_norm_elemt": lambda: OPS.batch_norm_elemt(x, c(), c(), c(), c()),
+        "batch_norm_backward": lambda: OPS.batch_norm_backward(dy, x, c(), c(), c(), True),
+        "batch_norm_backward_reduce": lambda: OPS.batch_norm_backward_reduce(dy, x, c()),
+        "batch_norm_backward_elemt": lambda: OPS.batch_norm_backward_elemt(dy, x, c(), c(), c(), c(), c(), 8),
+    }
+
+
+@pytest.mark.parametrize("op", BN_OPS[:2] + BN_OPS[3:])
+def test_meta_per_channel_tensor_with_a_cpu_input_raises(op):
+    # A meta tensor among CPU ones dispatches to the Meta kernel (the fake): it used to return
+    # uninitialised CPU tensors instead of saying that the devices differ.
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="is on meta but input is on cpu"):
+        _bn_calls(x, lambda: torch.ones(3, device="meta"))[op]()
+    if "backward" in op:
+        with pytest.raises(RuntimeError, match="grad_output is on meta but input is on cpu"):
+            _bn_calls(x, lambda: torch.ones(3), dy=torch.randn(2, 3, 4, device="meta"))[op]()
+
+
+@pytest.mark.parametrize("convert", ["meta", "fake"])
+def test_fake_kernels_raise_like_the_kernels(convert):
+    if convert == "meta":
+        ctx, to = contextlib.nullcontext(), lambda t: t.to("meta")
+    else:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        ctx = FakeTensorMode()
+        to = ctx.from_tensor
+    x, good, short = to(torch.randn(2, 3, 4)), to(torch.ones(3)), to(torch.ones(2))
+    x1, xi, dy5 = to(torch.randn(3)), to(torch.ones(2, 3, 4, dtype=torch.int64)), to(torch.randn(2, 3, 5))
+    with ctx:
+        for call in _bn_calls(x1, lambda: good).values():
+            with pytest.raises(ValueError, match="at least 2 dimensions"):  # was an IndexError
+                call()
+        with pytest.raises(ValueError, match="at least 2 dimensions"):
+            OPS.batch_norm_stats(x1)
+        for call in _bn_calls(x, lambda: short).values():
+            with pytest.raises(RuntimeError, match="must be 1-D with 3 elements"):
+                call()
+        for call in _bn_calls(xi, lambda: good).values():
+            with pytest.raises(TypeError, match="floating-point"):
+                call()
+        for name, call in _bn_calls(x, lambda: good, dy=dy5).items():
+            if "backward" in name:
+                with pytest.raises(RuntimeError, match="grad_output has shape"):
+                    call()
+        with pytest.raises(ValueError, match="count must be > 0"):
+            OPS.batch_norm_backward_elemt(x, x, good, good, None, good, good, 0)
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_training_on_an_input_without_channels_says_so(shape):
+    # F.batch_norm's running-statistics check read input.shape[1] first: an IndexError.
+    with pytest.raises(ValueError, match="fastreg.batch_norm: expected an input of shape"):
+        fastreg.functional.batch_norm(torch.randn(shape), torch.zeros(3), torch.ones(3), training=True)

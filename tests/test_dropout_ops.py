@@ -1,5 +1,7 @@
 """The ops under PyTorch's machinery: opcheck, gradcheck, torch.compile, saved tensors."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -159,3 +161,84 @@ def test_cuda_graph_capture_replays_fresh_masks():
     inplace_graph.replay()
     assert not torch.equal(first, hidden), "each replay must advance the philox offset"
     assert 0.45 < (hidden == 0).float().mean().item() < 0.55
+
+
+# Hostile inputs: a clear error naming the problem, never uninitialised memory or a misleading message.
+OPS = torch.ops.fastreg
+
+
+def _dropout_op_calls(x, rng, mask):
+    return [
+        lambda: OPS.dropout(x, 0.5, 1),
+        lambda: OPS.dropout_(x, 0.5, 1),
+        lambda: OPS.dropout_seeded(x, 0.5, rng, 1),
+        lambda: OPS.dropout_backward(x, mask, rng, 0.5, 1),
+    ]
+
+
+def test_meta_arguments_mixed_with_cpu_ones_raise():
+    # A meta tensor among CPU ones dispatches to the Meta kernel (the fake): it used to return
+    # uninitialised CPU tensors instead of saying that the devices differ.
+    x = torch.randn(4, 6)
+    rng = state("cpu")
+    mask = OPS.dropout_seeded(x, 0.5, rng, 1)[1]
+    with pytest.raises(RuntimeError, match="rng_state is on meta"):
+        OPS.dropout_seeded(x, 0.5, rng.to("meta"), 1)
+    with pytest.raises(RuntimeError, match="rng_state is on meta"):
+        OPS.dropout_backward(x, mask, rng.to("meta"), 0.5, 1)
+    with pytest.raises(RuntimeError, match="mask .* on meta"):
+        OPS.dropout_backward(x, mask.to("meta"), rng, 0.5, 1)
+
+
+def _fake_or_meta(convert):
+    """(context, converter): FakeTensorMode and its tensors, or meta tensors."""
+    if convert == "meta":
+        return contextlib.nullcontext(), lambda t: t.to("meta")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    return mode, mode.from_tensor
+
+
+@pytest.mark.parametrize("convert", ["meta", "fake"])
+def test_fake_kernels_raise_like_the_kernels(convert):
+    ctx, to = _fake_or_meta(convert)
+    x = torch.randn(4, 6)
+    rng, mask = state("cpu"), OPS.dropout_seeded(x, 0.5, state("cpu"), 1)[1]
+    xi, xf, ri, mi = to(torch.arange(24).view(4, 6)), to(x), to(rng), to(mask)
+    rng3, short_mask, gappy = to(torch.tensor([1, 2, 3])), to(torch.zeros(2, dtype=torch.uint8)), to(torch.randn(4, 12))
+    with ctx:
+        for call in _dropout_op_calls(xi, ri, mi):
+            with pytest.raises(TypeError, match="floating-point"):
+                call()
+        for op in (OPS.dropout, OPS.dropout_):
+            with pytest.raises(ValueError, match="dropout probability"):
+                op(xf, float("nan"), 1)
+            with pytest.raises(ValueError, match="mask_mode"):
+                op(xf, 0.5, 3)
+        with pytest.raises(RuntimeError, match="rng_state must be"):
+            OPS.dropout_seeded(xf, 0.5, rng3, 1)
+        with pytest.raises(RuntimeError, match="mask"):
+            OPS.dropout_backward(xf, short_mask, ri, 0.5, 1)
+        with pytest.raises(RuntimeError, match="dense"):
+            OPS.dropout_backward(gappy[:, ::2], mi, ri, 0.5, 1)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_inplace_on_a_sparse_input_says_it_is_sparse(layout):
+    # It used to raise ATen's overlap message (coo) or "Sparse CSR tensors do not have strides".
+    x = torch.randn(4, 6)
+    x = x.to_sparse() if layout == "coo" else x.to_sparse_csr()
+    with pytest.raises(RuntimeError, match="fastreg.dropout_: input must be a strided"):
+        OPS.dropout_(x, 0.5, 0)
+
+
+def test_backward_with_a_sparse_grad_or_rng_state_names_it():
+    # They used to fail inside the reference's helpers ("flat_memory_view needs ...",
+    # "Cannot access data pointer of Tensor that doesn't have storage").
+    x = torch.randn(4, 6)
+    rng = state("cpu")
+    with pytest.raises(RuntimeError, match="fastreg.dropout_backward: grad_output must be a strided"):
+        OPS.dropout_backward(x.to_sparse(), torch.empty(0, dtype=torch.uint8), rng, 0.5, 0)
+    with pytest.raises(RuntimeError, match="fastreg.dropout_seeded: rng_state must be"):
+        OPS.dropout_seeded(x, 0.5, rng.to_sparse(), 0)

@@ -743,3 +743,65 @@ def test_value_above_the_float32_range_is_inf_like_the_formula():
     grad = torch.zeros(1024)
     assert float(OPS.weight_penalty_grad_([grad], big, 0.0, 1.0)) == math.inf
     assert torch.equal(grad, torch.full((1024,), 2e18)), "the gradients are still the formula's"
+
+
+def _grad_calls(grads, params):
+    return OPS.weight_penalty_grad_(grads, params, 0.3, 0.7)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["partial_overlap", "shifted_own_param", "grad_is_another_param"],
+)
+def test_in_place_gradients_that_overlap_memory_they_touch_raise(case):
+    # They used to run: one gradient updated twice, or a parameter changed while it was read.
+    buf = torch.zeros(20)
+    if case == "partial_overlap":
+        grads, params, match = [buf[0:10], buf[5:15]], make([(10,), (10,)]), r"grads\[1\] and grads\[0\] overlap"
+    elif case == "shifted_own_param":
+        grads, params, match = [buf[1:11]], [buf[0:10]], r"grads\[0\] overlaps params\[0\]"
+    else:
+        grads, params = [buf[10:20], torch.zeros(10)], [buf[0:10], buf[10:20]]
+        match = r"grads\[0\] overlaps params\[1\]"
+    before = [g.clone() for g in grads]
+    with pytest.raises(RuntimeError, match=match):
+        _grad_calls(grads, params)
+    assert all(torch.equal(g, b) for g, b in zip(grads, before))  # refused before writing anything
+
+
+def test_in_place_gradients_in_one_flat_buffer_are_fine():
+    flat_w, flat_g = torch.randn(30), torch.zeros(30)
+    params = [flat_w[0:10], flat_w[10:30].view(4, 5)]
+    grads = [flat_g[0:10], flat_g[10:30].view(4, 5)]
+    value = _grad_calls(grads, params)
+    torch.testing.assert_close(value, ref.naive_penalty(params, 0.3, 0.7))
+    torch.testing.assert_close(flat_g, 0.3 * flat_w.sign() + 1.4 * flat_w, rtol=0, atol=1e-6)
+
+
+def test_meta_tensors_mixed_with_cpu_ones_raise():
+    # A meta tensor among CPU ones dispatches to the Meta kernel (the fake): it used to return
+    # uninitialised CPU tensors (value and gradients) instead of saying that the devices differ.
+    p = make([(3,), (2, 2)])
+    meta = torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on meta but params\[0\] is on cpu"):
+        OPS.weight_penalty_value([p[0], meta], 0.3, 0.7)
+    with pytest.raises(RuntimeError, match="grad_output is on meta but the parameters are on cpu"):
+        OPS.weight_penalty_backward(torch.ones((), device="meta"), p, 0.3, 0.7)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
+        OPS.weight_penalty_grad_([meta, torch.zeros(2, 2)], p, 0.3, 0.7)
+
+
+def test_fake_kernels_raise_like_the_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    p = [mode.from_tensor(t) for t in make([(3,), (2, 2)])]
+    ints = [mode.from_tensor(torch.arange(3))]
+    two, g3, g4 = (mode.from_tensor(t) for t in (torch.ones(2), torch.zeros(3), torch.zeros(4)))
+    with mode:
+        with pytest.raises(TypeError, match=r"params\[0\] has dtype"):
+            OPS.weight_penalty_value(ints, 0.3, 0.7)
+        with pytest.raises(RuntimeError, match="grad_output must have one element"):
+            OPS.weight_penalty_backward(two, p, 0.3, 0.7)
+        with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
+            OPS.weight_penalty_grad_([g3, g4], p, 0.3, 0.7)

@@ -45,7 +45,9 @@ inline void check_saved_mask(const at::Tensor& mask, const at::Tensor& grad, Mas
 }
 
 inline void check_rng_state(const at::Tensor& rng_state, const char* op) {
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 && rng_state.is_contiguous(), op,
+  TORCH_CHECK(rng_state.layout() == at::kStrided && rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 &&
+                  rng_state.is_contiguous(),
+              op,
               ": rng_state must be a contiguous int64 tensor of 2 elements (seed, offset)");
 }
 

@@ -62,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& inp
 std::tuple<at::Tensor, at::Tensor> dropout_inplace_cpu(at::Tensor& input, double p, int64_t mask_mode,
                                                        std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout_";
+  check_strided(input, op, "input");     // first: a sparse input has no strides to look at
   at::assert_no_internal_overlap(input);  // before the generator advances
-  check_strided(input, op, "input");
   kernel_dtype(input, op);
   check_dropout_p(p);
   const MaskMode mode = dropout_mask_mode(mask_mode);

@@ -98,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& in
 std::tuple<at::Tensor, at::Tensor> dropout_inplace_cuda(at::Tensor& input, double p, int64_t mask_mode,
                                                         std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout_";
+  check_input(input, p, op);              // first: a sparse input has no strides to look at
   at::assert_no_internal_overlap(input);  // before the generator advances
-  check_input(input, p, op);
   const MaskMode mode = dropout_mask_mode(mask_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor rng_state;

@@ -2,8 +2,11 @@
 // The messages match fastreg/reference/weight_penalty.py, so both backends fail alike.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -101,6 +104,46 @@ inline void check_penalty_grad(const at::Tensor& g, const at::Tensor& p, size_t 
               "] is the memory of params[", i, "]");
 }
 
+// The bytes [begin, end) a non-empty tensor's elements lie in (exactly its elements when it is dense).
+inline std::pair<uintptr_t, uintptr_t> penalty_extent(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
+}
+
+// The kernels update the gradients in parallel while they read the parameters: a gradient that
+// overlaps another gradient (partly: the same memory twice is caught above) or any parameter
+// would be updated twice or change values still to be read. Gradients are dense, so sorted by
+// address they overlap only if neighbours do; each parameter is then found by binary search.
+inline void check_penalty_grads_overlap(at::TensorList grads, at::TensorList params) {
+  struct Range {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Range> ranges;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    const auto [begin, end] = penalty_extent(grads[i]);
+    ranges.push_back(Range{begin, end, i});
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    const Range& a = ranges[k - 1];
+    const Range& b = ranges[k];
+    TORCH_CHECK(b.begin >= a.end, "fastreg.weight_penalty: grads[", std::max(a.index, b.index), "] and grads[",
+                std::min(a.index, b.index), "] overlap in memory; each gradient needs memory of its own");
+  }
+  for (size_t j = 0; j < params.size(); ++j) {
+    if (params[j].numel() == 0) continue;
+    const auto [begin, end] = penalty_extent(params[j]);
+    // The first gradient ending after the parameter begins (ends are sorted too: no overlaps).
+    const auto it = std::partition_point(ranges.begin(), ranges.end(), [&](const Range& r) { return r.end <= begin; });
+    TORCH_CHECK(it == ranges.end() || it->begin >= end, "fastreg.weight_penalty: grads[", it->index,
+                "] overlaps params[", j, "] in memory; the in-place update would change a parameter while it is read");
+  }
+}
+
 // Every gradient check, in the order of the reference's check_grads (parameters checked first).
 inline void check_penalty_grads(at::TensorList grads, at::TensorList params) {
   TORCH_CHECK(grads.size() == params.size(), "fastreg.weight_penalty: got ", grads.size(), " gradients for ", params.size(),
@@ -114,6 +157,7 @@ inline void check_penalty_grads(at::TensorList grads, at::TensorList params) {
     TORCH_CHECK(fresh, "fastreg.weight_penalty: grads[", i, "] and grads[", where->second,
                 "] share memory; list each parameter once");
   }
+  check_penalty_grads_overlap(grads, params);
 }
 
 // Accumulate: the kernels walk a parameter and its gradient in the same memory order, so a

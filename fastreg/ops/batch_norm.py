@@ -60,30 +60,50 @@ def _like_input(input: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(memory_dense(input))
 
 
+# The fakes run the reference's checks, which read no data: they are also the Meta kernels, which
+# a call mixing meta and CPU tensors reaches, and must refuse it rather than return empty tensors.
+def _check_channels(input, op, **tensors) -> None:
+    for name, t in tensors.items():
+        ref.check_channel(t, input, op, name)
+
+
 @torch.library.register_fake("fastreg::batch_norm_train")
 def _train_fake(input, weight, bias, eps):
+    ref.check_input(input, "fastreg.batch_norm")
+    _check_channels(input, "fastreg.batch_norm", weight=weight, bias=bias)
     ref.check_eps(eps, "fastreg.batch_norm")
     return _like_input(input), _channels(input), _channels(input), _channels(input)
 
 
 @torch.library.register_fake("fastreg::batch_norm_eval")
 def _eval_fake(input, running_mean, running_var, weight, bias, eps):
-    ref.check_eps(eps, "fastreg.batch_norm")
+    op = "fastreg.batch_norm"
+    ref.check_input(input, op)
+    _check_channels(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    ref.check_eps(eps, op)
     return _like_input(input)
 
 
 @torch.library.register_fake("fastreg::batch_norm_stats")
 def _stats_fake(input):
+    ref.check_input(input, "fastreg.batch_norm_stats")
     return _channels(input), _channels(input)
 
 
 @torch.library.register_fake("fastreg::batch_norm_elemt")
 def _elemt_fake(input, mean, invstd, weight, bias):
+    op = "fastreg.batch_norm_elemt"
+    ref.check_input(input, op)
+    _check_channels(input, op, mean=mean, invstd=invstd, weight=weight, bias=bias)
     return _like_input(input)
 
 
 @torch.library.register_fake("fastreg::batch_norm_backward")
 def _backward_fake(grad_output, input, mean, invstd, weight, training):
+    op = "fastreg.batch_norm_backward"
+    ref.check_input(input, op)
+    ref.check_grad_output(grad_output, input, op)
+    _check_channels(input, op, mean=mean, invstd=invstd, weight=weight)
     dtype = ref.compute_dtype(input.dtype) if weight is None else weight.dtype
     channels = input.new_empty((input.shape[1],), dtype=dtype)
     return _like_input(input), channels, torch.empty_like(channels)
@@ -91,11 +111,20 @@ def _backward_fake(grad_output, input, mean, invstd, weight, training):
 
 @torch.library.register_fake("fastreg::batch_norm_backward_reduce")
 def _backward_reduce_fake(grad_output, input, mean):
+    op = "fastreg.batch_norm_backward_reduce"
+    ref.check_input(input, op)
+    ref.check_grad_output(grad_output, input, op)
+    _check_channels(input, op, mean=mean)
     return _channels(input), _channels(input)
 
 
 @torch.library.register_fake("fastreg::batch_norm_backward_elemt")
 def _backward_elemt_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    op = "fastreg.batch_norm_backward_elemt"
+    ref.check_input(input, op)
+    ref.check_grad_output(grad_output, input, op)
+    _check_channels(input, op, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
+    ref.check_count(count, input, op)
     return _like_input(input)
 
 

@@ -48,25 +48,42 @@ def _fake_mask(dense: torch.Tensor, mask_mode: int) -> torch.Tensor:
     return dense.new_empty((0,), dtype=torch.uint8)
 
 
+# The fakes run the reference's checks, which read no data: they are also the Meta kernels, which
+# a call mixing meta and CPU tensors reaches, and must refuse it rather than return empty tensors.
+def _check_forward(input, p, mask_mode, op="fastreg.dropout"):
+    ref.check_input(input, op)
+    ref.check_p(p)
+    ref.check_mode(mask_mode)
+
+
 @torch.library.register_fake("fastreg::dropout")
 def _dropout_fake(input, p, mask_mode, generator=None):
+    _check_forward(input, p, mask_mode)
     dense = memory_dense(input)
     return torch.empty_like(dense), _fake_mask(dense, mask_mode), input.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("fastreg::dropout_")
 def _dropout_inplace_fake(input, p, mask_mode, generator=None):
+    _check_forward(input, p, mask_mode, "fastreg.dropout_")
     return _fake_mask(memory_dense(input), mask_mode), input.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("fastreg::dropout_seeded")
 def _dropout_seeded_fake(input, p, rng_state, mask_mode):
+    _check_forward(input, p, mask_mode)
+    ref.check_rng_state(rng_state, input, "fastreg.dropout_seeded")
     dense = memory_dense(input)
     return torch.empty_like(dense), _fake_mask(dense, mask_mode)
 
 
 @torch.library.register_fake("fastreg::dropout_backward")
 def _dropout_backward_fake(grad_output, mask, rng_state, p, mask_mode):
+    ref.check_grad_output(grad_output)
+    ref.check_p(p)
+    ref.check_rng_state(rng_state, grad_output, "fastreg.dropout_backward")
+    ref.check_mode(mask_mode)
+    ref.check_saved_mask(mask, grad_output, mask_mode)
     return torch.empty_like(grad_output)
 
 

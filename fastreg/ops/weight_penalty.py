@@ -42,21 +42,28 @@ def _fake_value(params) -> torch.Tensor:
     return torch.empty((), dtype=ref.value_dtype(params), device=device)
 
 
+# The fakes run the reference's checks that need no data: they are also the Meta kernels, which
+# a call mixing meta and CPU tensors reaches, and must refuse it rather than return empty tensors.
 @torch.library.register_fake("fastreg::weight_penalty_value")
 def _value_fake(params, l1, l2):
     ref.check_coefficients(l1, l2)
+    ref.check_params(params)
     return _fake_value(params)
 
 
 @torch.library.register_fake("fastreg::weight_penalty_backward")
 def _backward_fake(grad_output, params, l1, l2):
     ref.check_coefficients(l1, l2)
+    ref.check_params(params)
+    ref.check_grad_output(grad_output, params)
     return [torch.empty_like(memory_dense(p)) for p in params]
 
 
 @torch.library.register_fake("fastreg::weight_penalty_grad_")
 def _grad_fake(grads, params, l1, l2):
     ref.check_coefficients(l1, l2)
+    ref.check_params(params)
+    ref.check_grads(grads, params, memory=False)
     return _fake_value(params)
 
 

@@ -71,6 +71,11 @@ def check_grad_output(grad_output: torch.Tensor, input: torch.Tensor, op: str) -
         )
 
 
+def check_count(count: int, input: torch.Tensor, op: str) -> None:
+    if count <= 0 and input.numel() > 0:
+        raise ValueError(f"{op}: count must be > 0, got {count}")
+
+
 def reduced_dims(input: torch.Tensor) -> list[int]:
     return [0, *range(2, input.dim())]
 
@@ -189,8 +194,7 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
         ("sum_dy_xmu", sum_dy_xmu),
     ):
         check_channel(t, input, op, name)
-    if count <= 0 and input.numel() > 0:
-        raise ValueError(f"{op}: count must be > 0, got {count}")
+    check_count(count, input, op)
     compute = compute_dtype(input.dtype)
     return _backward_elemt(
         grad_output,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..memory_format import from_memory_order, memory_dense
+from ..memory_format import from_memory_order, is_non_overlapping_and_dense, memory_dense
 from .philox import philox4x32_10
 
 GROUP = 8  # keep decisions per Philox call
@@ -85,18 +85,38 @@ def _mask_for(keep_in_memory_order: torch.Tensor, dense: torch.Tensor, mask_mode
     return torch.empty(0, dtype=torch.uint8, device=dense.device)
 
 
-def _check_mode(mask_mode: int) -> None:
+def check_mode(mask_mode: int) -> None:
     if mask_mode not in (REGENERATE, BITS, BOOL):
         raise ValueError(f"fastreg.dropout: mask_mode must be 0 (regenerate), 1 (bits) or 2 (bool), got {mask_mode}")
 
 
-def check_input(x: torch.Tensor) -> None:
+def check_input(x: torch.Tensor, op: str = "fastreg.dropout", name: str = "input") -> None:
     if x.layout != torch.strided:
-        raise RuntimeError(f"fastreg.dropout: input must be a strided (dense) tensor, got layout {x.layout}")
+        raise RuntimeError(f"{op}: {name} must be a strided (dense) tensor, got layout {x.layout}")
     if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(
-            f"fastreg.dropout: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {x.dtype}"
+            f"{op}: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {x.dtype}"
         )
+
+
+def check_rng_state(rng_state: torch.Tensor, like: torch.Tensor, op: str) -> None:
+    """(seed, offset): two int64s, contiguous, on the input's device or the CPU (as the kernels read it)."""
+    if not (
+        rng_state.layout == torch.strided
+        and rng_state.dtype == torch.int64
+        and rng_state.numel() == 2
+        and rng_state.is_contiguous()
+    ):
+        raise RuntimeError(f"{op}: rng_state must be a contiguous int64 tensor of 2 elements (seed, offset)")
+    if rng_state.device not in (like.device, torch.device("cpu")):
+        raise RuntimeError(f"{op}: rng_state is on {rng_state.device} but the input on {like.device}")
+
+
+def check_grad_output(grad: torch.Tensor) -> None:
+    op = "fastreg.dropout_backward"
+    check_input(grad, op, "grad_output")
+    if not is_non_overlapping_and_dense(grad):
+        raise RuntimeError(f"{op}: grad_output must be dense in the forward output's layout")
 
 
 def dropout_seeded(
@@ -104,7 +124,8 @@ def dropout_seeded(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_input(x)
     check_p(p)
-    _check_mode(mask_mode)
+    check_mode(mask_mode)
+    check_rng_state(rng_state, x, "fastreg.dropout_seeded")
     dense = memory_dense(x)
     seed, offset = _rng_values(rng_state)
     keep = keep_flat(dense.numel(), p, seed, offset, dense.device)
@@ -125,7 +146,7 @@ def draw_rng_state(device: torch.device, generator: torch.Generator | None) -> t
 def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generator | None = None):
     check_input(x)
     check_p(p)
-    _check_mode(mask_mode)
+    check_mode(mask_mode)
     rng_state = draw_rng_state(x.device, generator)
     out, mask = dropout_seeded(x, p, rng_state, mask_mode)
     return out, mask, rng_state
@@ -133,6 +154,7 @@ def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generato
 
 def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generator | None = None):
     """In place: x is overwritten with its dropout; returns (mask, rng_state)."""
+    check_input(x, "fastreg.dropout_")  # a sparse input has no strides to look at
     # Refuse before the generator advances, where ATen's overlap check would refuse the write.
     if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride())):
         raise RuntimeError(
@@ -144,24 +166,34 @@ def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generat
     return mask, rng_state
 
 
-def _check_saved_mask(mask: torch.Tensor, grad: torch.Tensor, mask_mode: int) -> None:
+def check_saved_mask(mask: torch.Tensor, grad: torch.Tensor, mask_mode: int) -> None:
     if mask_mode == REGENERATE:
         return
     expected = (grad.numel() + GROUP - 1) // GROUP if mask_mode == BITS else grad.numel()
     dtype = torch.uint8 if mask_mode == BITS else torch.bool
-    if mask.numel() != expected or mask.dtype != dtype or mask.device != grad.device:
+    if (
+        mask.layout != torch.strided
+        or mask.numel() != expected
+        or mask.dtype != dtype
+        or mask.device != grad.device
+        or not is_non_overlapping_and_dense(mask)
+    ):
         raise RuntimeError(
-            f"fastreg.dropout_backward: mask ({mask.numel()} x {mask.dtype} on {mask.device}) does not fit mask_mode "
-            f"{mask_mode}: expected {expected} x {dtype} on {grad.device}"
+            f"fastreg.dropout_backward: mask ({mask.numel()} x {mask.dtype} on {mask.device}, layout {mask.layout}) "
+            f"does not fit mask_mode {mask_mode}: expected {expected} x {dtype} on {grad.device}, dense"
         )
+    if mask_mode == BOOL and tuple(mask.stride()) != tuple(grad.stride()):
+        raise RuntimeError("fastreg.dropout_backward: a bool mask must have grad_output's strides")
 
 
 def dropout_backward(
     grad: torch.Tensor, mask: torch.Tensor, rng_state: torch.Tensor, p: float, mask_mode: int
 ) -> torch.Tensor:
+    check_grad_output(grad)
     check_p(p)
-    _check_mode(mask_mode)
-    _check_saved_mask(mask, grad, mask_mode)
+    check_rng_state(rng_state, grad, "fastreg.dropout_backward")
+    check_mode(mask_mode)
+    check_saved_mask(mask, grad, mask_mode)
     if mask_mode == BOOL:
         keep = mask
     else:

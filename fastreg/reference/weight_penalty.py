@@ -44,7 +44,8 @@ def check_params(params) -> None:
             )
 
 
-def check_grads(grads, params) -> None:
+def check_grads(grads, params, *, memory: bool = True) -> None:
+    """The gradients' checks; ``memory=False`` leaves out those that need storage (fake tensors)."""
     if len(grads) != len(params):
         raise RuntimeError(f"fastreg.weight_penalty: got {len(grads)} gradients for {len(params)} parameters")
     seen: dict[int, int] = {}
@@ -73,6 +74,8 @@ def check_grads(grads, params) -> None:
                 f"(strides {list(g.stride())}); "
                 "the in-place update needs a dense gradient, e.g. torch.zeros_like(param)"
             )
+        if not memory:
+            continue
         if g.data_ptr() == p.data_ptr():
             raise RuntimeError(f"fastreg.weight_penalty: grads[{i}] is the memory of params[{i}]")
         if g.data_ptr() in seen:
@@ -81,6 +84,37 @@ def check_grads(grads, params) -> None:
                 "list each parameter once"
             )
         seen[g.data_ptr()] = i
+    if memory:
+        _check_grads_overlap(grads, params)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [begin, end) a non-empty tensor's elements lie in (exactly its elements when dense)."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_grads_overlap(grads, params) -> None:
+    # As the C++ glue: the in-place update must not write a gradient twice, nor a parameter it reads.
+    ranges = sorted((*_extent(g), i) for i, g in enumerate(grads) if g.numel() > 0)
+    for (_, a_end, a), (b_begin, _, b) in zip(ranges, ranges[1:]):
+        if b_begin < a_end:
+            raise RuntimeError(
+                f"fastreg.weight_penalty: grads[{max(a, b)}] and grads[{min(a, b)}] overlap in memory; "
+                "each gradient needs memory of its own"
+            )
+    for j, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        begin, end = _extent(p)
+        for g_begin, g_end, i in ranges:
+            if g_end > begin:
+                if g_begin < end:
+                    raise RuntimeError(
+                        f"fastreg.weight_penalty: grads[{i}] overlaps params[{j}] in memory; "
+                        "the in-place update would change a parameter while it is read"
+                    )
+                break
 
 
 def value_dtype(params) -> torch.dtype:
@@ -132,12 +166,7 @@ def weight_penalty_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], 
     return value
 
 
-def weight_penalty_backward(
-    grad_output: torch.Tensor, params: list[torch.Tensor], l1: float, l2: float
-) -> list[torch.Tensor]:
-    """[(go * l1) * sign(p) + 2 * (go * l2) * p for p in params], laid out like memory_dense(p)."""
-    check_coefficients(l1, l2)
-    check_params(params)
+def check_grad_output(grad_output: torch.Tensor, params) -> None:
     if grad_output.numel() != 1:
         raise RuntimeError(
             f"fastreg.weight_penalty_backward: grad_output must have one element, got {grad_output.numel()}"
@@ -148,6 +177,15 @@ def weight_penalty_backward(
             f"fastreg.weight_penalty_backward: grad_output is on {grad_output.device} "
             f"but the parameters are on {device}"
         )
+
+
+def weight_penalty_backward(
+    grad_output: torch.Tensor, params: list[torch.Tensor], l1: float, l2: float
+) -> list[torch.Tensor]:
+    """[(go * l1) * sign(p) + 2 * (go * l2) * p for p in params], laid out like memory_dense(p)."""
+    check_coefficients(l1, l2)
+    check_params(params)
+    check_grad_output(grad_output, params)
     go = grad_output.detach().reshape(()).to(value_dtype(params))
     outputs = []
     for p in params:
