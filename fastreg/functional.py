@@ -189,7 +189,9 @@ def batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     # Checked before the op, as torch does: the update after it would fail half-way, or take any dtype.
-    if input.dim() < 2:  # first: the channel checks read input.shape[1] (the reference's message)
+    # First, as the reference's check_input words it (inline: torch.jit.script compiles this
+    # function with the modules and cannot compile that one); the channel checks read shape[1].
+    if input.dim() < 2:
         raise ValueError(
             "fastreg.batch_norm: expected an input of shape (N, C, ...) with at least 2 dimensions, "
             f"got {input.dim()}-D"

@@ -138,19 +138,10 @@ def _slow_timing(fn: Callable[[], Any], first: float, device: str | torch.device
     return Timing([first] + _rounds(fn, 1, rounds - 1, device, policy), 1, 0)
 
 
-def measure(fn: Callable[[], Any], device: str | torch.device, policy: TimingPolicy) -> Timing:
-    first = time_calls(fn, 1, device)
-    if first >= policy.max_time_s:
-        return _slow_timing(fn, first, device, policy)
-    estimate, warmup_calls = warm_up(fn, device, policy)
-    calls, rounds = plan(min(first, estimate), policy)
-    return Timing(_rounds(fn, calls, rounds, device, policy), calls, warmup_calls + 1)
-
-
 def measure_interleaved(
     fns: dict[str, Callable[[], Any]], device: str | torch.device, policy: TimingPolicy
 ) -> dict[str, Timing]:
-    """measure() for every implementation of a case, their rounds taken in turn. Slow ones
+    """Timings of every implementation of a case, their rounds taken in turn. Slow ones
     (a call longer than the per-implementation budget, i.e. the reference on big inputs) are
     measured on their own afterwards: a round of theirs would stretch every turn."""
     plans: dict[str, tuple[Callable[[], Any], int, int]] = {}
