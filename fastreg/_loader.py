@@ -49,7 +49,8 @@ class FastregFallbackWarning(UserWarning):
 
 
 def requested_backend() -> str:
-    value = os.environ.get("FASTREG_BACKEND", "auto").strip().lower()
+    # Set but empty (`FASTREG_BACKEND= cmd`, a CI matrix's blank entry) means the default.
+    value = os.environ.get("FASTREG_BACKEND", "").strip().lower() or "auto"
     if value not in {"auto", "reference"}:
         raise ValueError(f"FASTREG_BACKEND must be 'auto' or 'reference', got {value!r}")
     return value

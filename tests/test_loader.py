@@ -121,6 +121,12 @@ def test_invalid_backend_is_rejected(monkeypatch):
         _loader.requested_backend()
 
 
+@pytest.mark.parametrize(("value", "backend"), [("", "auto"), (" ", "auto"), ("Reference", "reference")])
+def test_backend_value_blank_means_the_default(monkeypatch, value, backend):
+    monkeypatch.setenv("FASTREG_BACKEND", value)
+    assert _loader.requested_backend() == backend
+
+
 def cpu_build_dir(package, env) -> Path:
     """The JIT build folder a child process with this environment would use."""
     probe = subprocess.run(
