@@ -87,6 +87,31 @@ def test_inplace_compiles_fullgraph_and_matches_eager(device):
     assert torch.allclose(eager_grad, model[0].weight.grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_inplace_op_refuses_a_tensor_whose_backward_it_cannot_record(device):
+    leaf = torch.randn(64, device=device, requires_grad=True)
+    before = leaf.detach().clone()
+    for tensor in (leaf, leaf * 2):
+        with pytest.raises(RuntimeError, match=r"overwrites input, which requires grad.*inplace=True"):
+            torch.ops.fastreg.dropout_(tensor, 0.5, 0)
+    assert torch.equal(leaf.detach(), before) and leaf._version == 0  # refused before writing
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: torch.ops.fastreg.dropout_(t * 2, 0.5, 0), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="overwrites input, which requires grad"):  # the fake refuses it too
+        compiled(leaf)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_inplace_op_bumps_the_version_so_autograd_refuses_stale_saved_values(device):
+    a = torch.randn(64, device=device, requires_grad=True)
+    b = a.sigmoid()  # sigmoid's backward reads its saved output
+    with torch.no_grad():
+        torch.ops.fastreg.dropout_(b, 0.5, 0)
+    assert b._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        b.sum().backward()
+
+
 def saved_bytes(fn, x):
     total = 0
 

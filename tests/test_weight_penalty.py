@@ -778,6 +778,19 @@ def test_in_place_gradients_in_one_flat_buffer_are_fine():
     torch.testing.assert_close(flat_g, 0.3 * flat_w.sign() + 1.4 * flat_w, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_op_refuses_gradients_that_require_grad_and_bumps_versions(device):
+    params = make([(3,), (2, 2)], device=device)
+    grads = [torch.zeros(3, device=device, requires_grad=True), torch.zeros(2, 2, device=device)]
+    message = r"weight_penalty_grad_: overwrites grads\[0\], which requires grad.*weight_penalty\(params"
+    with pytest.raises(RuntimeError, match=message):
+        OPS.weight_penalty_grad_(grads, params, 0.3, 0.7)
+    assert not grads[0].detach().any() and not grads[1].any()  # refused before writing
+    with torch.no_grad():
+        OPS.weight_penalty_grad_(grads, params, 0.3, 0.7)
+    assert all(g._version > 0 for g in grads)  # so autograd refuses values saved before
+
+
 def test_meta_tensors_mixed_with_cpu_ones_raise():
     # A meta tensor among CPU ones dispatches to the Meta kernel (the fake): it used to return
     # uninitialised CPU tensors (value and gradients) instead of saying that the devices differ.

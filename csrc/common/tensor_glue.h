@@ -23,6 +23,22 @@ inline void check_strided(const at::Tensor& t, const char* op, const char* name)
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor, got layout ", t.layout());
 }
 
+// The ops that overwrite a tensor record no backward: fastreg's wrappers that need one call
+// them with grad mode off. Called directly, they refuse a tensor whose backward they would
+// lose, as torch's in-place ops refuse a leaf that requires grad (fastreg/reference/in_place.py
+// has the same check and message).
+// The name comes in parts (e.g. "grads[", i, "]"), joined only when the check fails.
+template <typename... NameParts>
+void check_overwritable(const at::Tensor& t, const char* op, const char* differentiable_form, const NameParts&... name) {
+  TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": overwrites ", name...,
+              ", which requires grad here, and records no backward; use ", differentiable_form,
+              ", or call it under torch.no_grad()");
+}
+
+// What torch's ADInplaceOrView kernels do for its own in-place ops, and a custom op does not
+// get: autograd then refuses a backward that needs values saved before the overwrite.
+inline void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+
 // A tensor whose elements fill one block of memory (any dimension order): kernels walk it
 // linearly, and empty_like() of it has the same strides, so outputs keep the memory format.
 inline at::Tensor memory_dense(const at::Tensor& t) {

@@ -14,6 +14,9 @@ inline MaskMode dropout_mask_mode(int64_t mode) {
   return static_cast<MaskMode>(mode);
 }
 
+// Named by the error of a direct dropout_ call on a tensor that requires grad (as in the reference).
+inline constexpr const char* kInplaceDifferentiableForm = "fastreg.functional.dropout(input, p, inplace=True)";
+
 inline void check_dropout_p(double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
 }

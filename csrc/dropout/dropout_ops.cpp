@@ -63,10 +63,12 @@ std::tuple<at::Tensor, at::Tensor> dropout_inplace_cpu(at::Tensor& input, double
                                                        std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout_";
   check_strided(input, op, "input");     // first: a sparse input has no strides to look at
+  check_overwritable(input, op, kInplaceDifferentiableForm, "input");
   at::assert_no_internal_overlap(input);  // before the generator advances
   kernel_dtype(input, op);
   check_dropout_p(p);
   const MaskMode mode = dropout_mask_mode(mask_mode);
+  bump_version(input);
   at::Tensor rng_state = draw_rng_state(generator);
   const DropoutRngState rng = host_rng_state(rng_state);
   if (input.is_non_overlapping_and_dense()) {

@@ -99,8 +99,10 @@ std::tuple<at::Tensor, at::Tensor> dropout_inplace_cuda(at::Tensor& input, doubl
                                                         std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout_";
   check_input(input, p, op);              // first: a sparse input has no strides to look at
+  check_overwritable(input, op, kInplaceDifferentiableForm, "input");
   at::assert_no_internal_overlap(input);  // before the generator advances
   const MaskMode mode = dropout_mask_mode(mask_mode);
+  bump_version(input);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor rng_state;
   const DropoutRngSource src = draw_source(input, generator, rng_state);

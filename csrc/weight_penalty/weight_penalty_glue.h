@@ -97,6 +97,8 @@ inline void check_penalty_grad(const at::Tensor& g, const at::Tensor& p, size_t 
                    " but params[", i, "] has dtype ", p.scalar_type());
   TORCH_CHECK(g.sizes() == p.sizes(), "fastreg.weight_penalty: grads[", i, "] has shape ", g.sizes(), " but params[", i,
               "] has shape ", p.sizes());
+  check_overwritable(g, "fastreg.weight_penalty_grad_",
+                     "fastreg.functional.weight_penalty(params, l1, l2), which is differentiable", "grads[", i, "]");
   TORCH_CHECK(g.numel() == 0 || g.is_non_overlapping_and_dense(), "fastreg.weight_penalty: grads[", i,
               "] is a view with gaps or overlapping elements (strides ", g.strides(),
               "); the in-place update needs a dense gradient, e.g. torch.zeros_like(param)");

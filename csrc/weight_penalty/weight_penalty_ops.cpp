@@ -66,6 +66,7 @@ at::Tensor weight_penalty_grad_cpu(at::TensorList grads, at::TensorList params, 
   check_penalty_coefficients(l1, l2);
   check_penalty_params(params);
   check_penalty_grads(grads, params);
+  for (const at::Tensor& g : grads) bump_version(g);
   const PenaltyBatch batch = penalty_accumulate_batch(grads, params);
   return value_tensor(params, l1, l2, run_cpu(batch, PenaltyMode::Accumulate, penalty_scalars(l1, l2)));
 }

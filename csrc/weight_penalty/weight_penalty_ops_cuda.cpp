@@ -53,6 +53,7 @@ at::Tensor weight_penalty_grad_cuda(at::TensorList grads, at::TensorList params,
   TORCH_CHECK(!params.empty(), "fastreg.weight_penalty: no parameters");
   check_penalty_params(params);
   check_penalty_grads(grads, params);
+  for (const at::Tensor& g : grads) bump_version(g);
   const c10::cuda::CUDAGuard guard(penalty_cuda_device({params, grads}));
   const PenaltyBatch batch = penalty_accumulate_batch(grads, params);
   at::Tensor value = at::empty({}, penalty_value_options(params));

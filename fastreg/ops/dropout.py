@@ -14,6 +14,7 @@ import torch
 from .._library import define
 from ..memory_format import dense_strides, memory_dense
 from ..reference import dropout as ref
+from ..reference.in_place import check_overwritable
 
 define(
     "dropout",
@@ -66,6 +67,7 @@ def _dropout_fake(input, p, mask_mode, generator=None):
 @torch.library.register_fake("fastreg::dropout_")
 def _dropout_inplace_fake(input, p, mask_mode, generator=None):
     _check_forward(input, p, mask_mode, "fastreg.dropout_")
+    check_overwritable(input, "fastreg.dropout_", "input", ref.INPLACE_DIFFERENTIABLE_FORM)
     return _fake_mask(memory_dense(input), mask_mode), input.new_empty((2,), dtype=torch.int64)
 
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..memory_format import from_memory_order, is_non_overlapping_and_dense, memory_dense
+from .in_place import bump_version, check_overwritable
 from .philox import philox4x32_10
+
+#: what the error for a direct call of fastreg::dropout_ on a tensor requiring grad recommends
+INPLACE_DIFFERENTIABLE_FORM = "fastreg.functional.dropout(input, p, inplace=True)"
 
 GROUP = 8  # keep decisions per Philox call
 RESOLUTION = 65536  # p is resolved to 2^-16
@@ -155,6 +159,7 @@ def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generato
 def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generator | None = None):
     """In place: x is overwritten with its dropout; returns (mask, rng_state)."""
     check_input(x, "fastreg.dropout_")  # a sparse input has no strides to look at
+    check_overwritable(x, "fastreg.dropout_", "input", INPLACE_DIFFERENTIABLE_FORM)
     # Refuse before the generator advances, where ATen's overlap check would refuse the write.
     if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride())):
         raise RuntimeError(
@@ -163,6 +168,7 @@ def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generat
         )
     out, mask, rng_state = dropout(x, p, mask_mode, generator)
     x.copy_(out)
+    bump_version(x)
     return mask, rng_state
 
 

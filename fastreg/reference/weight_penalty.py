@@ -15,6 +15,10 @@ import math
 import torch
 
 from ..memory_format import is_non_overlapping_and_dense, memory_dense
+from .in_place import bump_version, check_overwritable
+
+#: what the error for a direct call of fastreg::weight_penalty_grad_ on gradients requiring grad recommends
+GRAD_DIFFERENTIABLE_FORM = "fastreg.functional.weight_penalty(params, l1, l2), which is differentiable"
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,6 +70,7 @@ def check_grads(grads, params, *, memory: bool = True) -> None:
                 f"fastreg.weight_penalty: grads[{i}] has shape {list(g.shape)} "
                 f"but params[{i}] has shape {list(p.shape)}"
             )
+        check_overwritable(g, "fastreg.weight_penalty_grad_", f"grads[{i}]", GRAD_DIFFERENTIABLE_FORM)
         if g.numel() == 0:
             continue
         if not is_non_overlapping_and_dense(g):
@@ -163,6 +168,8 @@ def weight_penalty_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], 
         c2x2 = 2 * torch.tensor(l2, dtype=dtype, device=p.device)
         x = p.detach().to(dtype)
         g.copy_(g.to(dtype) + _sign_term(x, c1, c2x2))
+    for g in grads:
+        bump_version(g)
     return value
 
 
