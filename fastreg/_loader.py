@@ -114,7 +114,7 @@ def _load_once() -> None:
     try:
         _jit_build_and_load()
     except Exception as error:  # noqa: BLE001 - every failure must leave the reference working
-        STATE.reason = f"{type(error).__name__}: {_last_lines(str(error))}"
+        STATE.reason = f"{type(error).__name__}: {_failure_summary(str(error))}"
         _warn_once(
             "fallback",
             f"fastreg: the C++ kernels could not be built, so every fastreg op runs on the pure-PyTorch reference "
@@ -245,8 +245,13 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, FastregFallbackWarning, stacklevel=4)
 
 
-def _last_lines(text: str, count: int = 6) -> str:
+def _failure_summary(text: str, count: int = 6) -> str:
+    """The first compiler error and the lines after it, else the last lines. A failed build's
+    log ends with notes and ninja's summary, which say nothing about the cause."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if "error:" in line and "subcommand failed" not in line]
+    if errors:
+        return " | ".join(lines[errors[0] : errors[0] + 3])
     return " | ".join(lines[-count:]) if lines else "unknown error"
 
 

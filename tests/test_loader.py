@@ -121,6 +121,22 @@ def test_invalid_backend_is_rejected(monkeypatch):
         _loader.requested_backend()
 
 
+def test_build_failure_is_summarised_by_its_first_error():
+    log = "\n".join(
+        [
+            "[1/3] c++ -c a.cpp",
+            "FAILED: a.o",
+            "a.cpp:106:62: error: no match for 'operator+'",
+            "  106 |   x + 1.0;",
+            "b.h:57:14: note: the ABI for passing parameters with 32-byte alignment has changed in GCC 4.6",
+            "ninja: build stopped: subcommand failed.",
+        ]
+    )
+    summary = _loader._failure_summary(log)
+    assert summary.startswith("a.cpp:106:62: error: no match") and "106 |" in summary
+    assert _loader._failure_summary("no compiler\nfound") == "no compiler | found"
+
+
 @pytest.mark.parametrize(("value", "backend"), [("", "auto"), (" ", "auto"), ("Reference", "reference")])
 def test_backend_value_blank_means_the_default(monkeypatch, value, backend):
     monkeypatch.setenv("FASTREG_BACKEND", value)
