@@ -17,7 +17,7 @@ from fastreg.reference import batch_norm as ref
 from fastreg.sync_batch_norm import SyncBatchNormFunction
 from fastreg.testing import mismatch, opcheck
 
-from .helpers import DEVICES
+from .helpers import DEVICES, REFERENCE_BACKEND
 from .helpers import use_kernels as _use_kernels
 
 OPS = torch.ops.fastreg
@@ -403,6 +403,47 @@ def test_training_checks_the_running_statistics():
     with pytest.raises(ValueError, match="either both be None or neither be None"):
         fastreg.functional.batch_norm(x, running_mean, None, training=True)
     assert torch.equal(running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", ["both", "bias_only", "weight_only", "none"])
+@pytest.mark.parametrize("wanted", ["all", "bias", "weight", "input"])
+def test_gradients_asked_for_match_torch(training, affine, wanted):
+    """Any subset of gradients, with either affine tensor absent: the autograd formulas (Python
+    and C++) map each gradient to its argument."""
+    x = sample((4, 3, 5, 5), torch.float64, "cpu").requires_grad_()
+    w = sample((3,), torch.float64, "cpu", seed=1).requires_grad_() if affine in ("both", "weight_only") else None
+    b = sample((3,), torch.float64, "cpu", seed=2).requires_grad_() if affine in ("both", "bias_only") else None
+    stats = (sample((3,), torch.float64, "cpu", seed=3), sample((3,), torch.float64, "cpu", seed=4).abs() + 0.5)
+    targets = {"input": [x], "weight": [w], "bias": [b], "all": [x, w, b]}[wanted]
+    targets = [t for t in targets if t is not None]
+    if not targets:
+        pytest.skip("no such argument in this case")
+    grads = {}
+    for name, fn in (("torch", F.batch_norm), ("fastreg", fastreg.functional.batch_norm)):
+        out = fn(x, *(s.clone() for s in stats), w, b, training)
+        grads[name] = torch.autograd.grad(out.pow(3).sum(), targets)
+    for got, expected in zip(grads["fastreg"], grads["torch"]):
+        torch.testing.assert_close(got, expected)
+
+
+def test_running_statistics_that_require_grad_are_refused_in_eval():
+    x = sample((4, 3, 5, 5), torch.float32, "cpu").requires_grad_()
+    running_mean, running_var = torch.zeros(3, requires_grad=True), torch.ones(3)
+    with pytest.raises(RuntimeError, match="running statistics are not supported"):
+        fastreg.functional.batch_norm(x, running_mean, running_var, training=False)
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="the compiled library's autograd")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_library_records_its_cpp_autograd_nodes(device):
+    # register_autograd's Python kernels would cost more host time than a small layer takes on a
+    # GPU; the compiled library registers the same formulas in C++ (batch_norm_autograd.cpp).
+    use_kernels(device)
+    bn = fastreg.BatchNorm2d(3).to(device)
+    x = sample((4, 3, 5, 5), torch.float32, device).requires_grad_()
+    assert "BatchNormTrainFunction" in bn(x).grad_fn.name()
+    assert "BatchNormEvalFunction" in bn.eval()(x).grad_fn.name()
 
 
 @pytest.mark.parametrize("training", [True, False])
