@@ -87,7 +87,9 @@ def _by_device(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"fastreg.weight_penalty: params[{i}] is a {type(p).__name__}, not a tensor")
-        groups.setdefault(p.device, []).append(p)
+        if p.device not in groups:  # not setdefault: Dynamo before torch 2.5 cannot trace it
+            groups[p.device] = []
+        groups[p.device].append(p)
     return list(groups.values())
 
 
@@ -233,14 +235,24 @@ class WeightPenalty:
             l1, l2 = group["l1"], group["l2"]
             if l1 == 0.0 and l2 == 0.0:
                 continue
-            for params in _by_device(group["params"]):
-                trainable = [p for p in params if p.requires_grad]
-                frozen = [p for p in params if not p.requires_grad]
-                grads = []
-                for p in trainable:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    grads.append(p.grad)
+            # One pass, each attribute read once: this loop is the host time of a step on a GPU,
+            # where ResNet-50's 161 tensors take about 100 us to update (the __init__ checks hold:
+            # the parameter objects are fixed; their device, requires_grad and .grad are not).
+            by_device: dict[torch.device, tuple[list, list, list]] = {}
+            for p in group["params"]:
+                device = p.device
+                lists = by_device.get(device)
+                if lists is None:
+                    lists = by_device[device] = ([], [], [])
+                if p.requires_grad:
+                    grad = p.grad
+                    if grad is None:
+                        grad = p.grad = torch.zeros_like(p)
+                    lists[0].append(p)
+                    lists[1].append(grad)
+                else:
+                    lists[2].append(p)
+            for trainable, grads, frozen in by_device.values():
                 if trainable:
                     values.append(torch.ops.fastreg.weight_penalty_grad_(grads, trainable, l1, l2))
                 if frozen:
