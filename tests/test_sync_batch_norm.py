@@ -59,6 +59,10 @@ def _worker(rank: int, store_path: str, out_dir: str, channels_last: bool) -> No
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # y's autograd node holds the process group (as torch's SyncBatchNorm's does): freed
+        # after the group's destruction, on torch 2.6 its gloo threads wait for the GIL that the
+        # freeing thread holds, and the worker never exits. Free it while the group is alive.
+        del y
     finally:
         dist.destroy_process_group()
 
