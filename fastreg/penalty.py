@@ -236,7 +236,8 @@ class WeightPenalty:
             if l1 == 0.0 and l2 == 0.0:
                 continue
             # One pass, each attribute read once: this loop is the host time of a step on a GPU,
-            # where ResNet-50's 161 tensors take about 100 us to update (the __init__ checks hold:
+            # where ResNet-50's 161 tensors (307 MB to move) take about 90 us at an H100's memory
+            # bound; 161 parameters: 232-249 -> 109-147 us on the 2-core VM (the __init__ checks hold:
             # the parameter objects are fixed; their device, requires_grad and .grad are not).
             by_device: dict[torch.device, tuple[list, list, list]] = {}
             for p in group["params"]:

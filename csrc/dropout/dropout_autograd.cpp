@@ -2,18 +2,20 @@
 // kernels.
 //
 // fastreg/ops/dropout.py registers the same formulas with torch.library.register_autograd, to
-// the Autograd alias key: they serve every backend, the reference included. Those Python
-// kernels cost about 60 us of CPU time per forward + backward (measured on the 2-core VM: 99 us
-// against torch's 30 us), which is more than an H100 needs for 16M bf16 elements, so the GPU
-// would wait for the host. Registered to the runtime keys AutogradCPU and AutogradCUDA, these
+// the Autograd alias key: they serve every backend, the reference included. Through those
+// Python kernels a forward + backward took 94-143 us of host time on the 2-core VM, through
+// these 58-79 us (torch: 30-50 us; 64 elements, so all of it is host time). An H100 moves
+// 16M bf16 elements in and out twice in about 40 us at its memory bound, so with the Python
+// kernels the GPU would wait for the host. Registered to the runtime keys AutogradCPU and AutogradCUDA, these
 // take precedence wherever the compiled library is loaded; both are tested by the same tests
 // (the default run takes these, FASTREG_BACKEND=reference the Python ones).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "../common/op_handle.h"
 
 namespace fastreg {
 namespace {
@@ -26,21 +28,16 @@ using DropoutSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tens
 using SeededSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, const at::Tensor&, int64_t);
 using BackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t);
 
-// The schemas are defined from Python before this library is loaded, so the lookups succeed.
 const c10::TypedOperatorHandle<DropoutSig>& dropout_op() {
-  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("fastreg::dropout", "").typed<DropoutSig>();
+  static const auto handle = fastreg_op<DropoutSig>("fastreg::dropout");
   return handle;
 }
-
 const c10::TypedOperatorHandle<SeededSig>& seeded_op() {
-  static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastreg::dropout_seeded", "").typed<SeededSig>();
+  static const auto handle = fastreg_op<SeededSig>("fastreg::dropout_seeded");
   return handle;
 }
-
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-  static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastreg::dropout_backward", "").typed<BackwardSig>();
+  static const auto handle = fastreg_op<BackwardSig>("fastreg::dropout_backward");
   return handle;
 }
 
