@@ -227,6 +227,26 @@ def test_meta_arguments_mixed_with_cpu_ones_raise():
         OPS.dropout_backward(x, mask, rng.to("meta"), 0.5, 1)
     with pytest.raises(RuntimeError, match="mask .* on meta"):
         OPS.dropout_backward(x, mask.to("meta"), rng, 0.5, 1)
+    with pytest.raises(RuntimeError, match="mask .* on meta"):  # regenerate mode: the mask is unused
+        OPS.dropout_backward(x, torch.empty(0, device="meta"), rng, 0.5, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_tensors_with_a_cuda_rng_state_or_mask_raise_naming_the_devices():
+    # Any CUDA argument sends the call to the CUDA kernel, which must say the devices differ.
+    x = torch.randn(4, 6)
+    rng = state("cpu")
+    mask = OPS.dropout_seeded(x, 0.5, rng, 1)[1]
+    calls = [
+        lambda: OPS.dropout_seeded(x, 0.5, rng.cuda(), 1),
+        lambda: OPS.dropout_backward(x, mask, rng.cuda(), 0.5, 1),
+        lambda: OPS.dropout_backward(x, mask.cuda(), rng, 0.5, 1),
+        lambda: OPS.dropout_backward(x, torch.empty(0, device="cuda"), rng, 0.5, 0),  # mask unused
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"is on (cpu|cuda)") as error:
+            call()
+        assert "Guard" not in str(error.value)
 
 
 def _fake_or_meta(convert):

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(DropoutArgs args, Dro
       const uint64_t bytes = *reinterpret_cast<const uint64_t*>(args.mask + e0);
       bits = 0;
 #pragma unroll
-      for (int j = 0; j < kDropoutGroup; ++j) bits |= static_cast<uint32_t>((bytes >> (8 * j)) & 1u) << j;
+      for (int j = 0; j < kDropoutGroup; ++j) bits |= static_cast<uint32_t>(((bytes >> (8 * j)) & 0xFFu) != 0) << j;
     } else {
       bits = 0;
       for (int j = 0; j < kDropoutGroup && e0 + j < n; ++j) bits |= static_cast<uint32_t>(args.mask[e0 + j] != 0) << j;

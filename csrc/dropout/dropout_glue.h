@@ -34,10 +34,10 @@ inline at::Tensor new_dropout_mask(const at::Tensor& dense_input, MaskMode mode)
 }
 
 inline void check_saved_mask(const at::Tensor& mask, const at::Tensor& grad, MaskMode mode) {
+  TORCH_CHECK(mask.device() == grad.device(), "fastreg.dropout_backward: mask is on ", mask.device(), " but grad_output on ",
+              grad.device());  // in every mode: an unused mask on another device is still a caller's mistake
   if (mode == MaskMode::Regenerate) return;
   const int64_t expected = mode == MaskMode::Bits ? (grad.numel() + kDropoutGroup - 1) / kDropoutGroup : grad.numel();
-  TORCH_CHECK(mask.device() == grad.device(), "fastreg.dropout_backward: mask is on ", mask.device(), " but grad_output on ",
-              grad.device());
   TORCH_CHECK(mask.numel() == expected && mask.is_non_overlapping_and_dense(),
               "fastreg.dropout_backward: mask has ", mask.numel(), " elements, expected ", expected, " for mask_mode ",
               static_cast<int>(mode));

@@ -19,6 +19,14 @@ constexpr uint64_t kOffsetIncrement = 4;
 
 // Seed and offset where a kernel can read them: from the rng_state tensor itself when it
 // lives on the GPU (graph-safe), else as host values.
+// The dispatcher runs a CUDA kernel when any tensor argument is on CUDA, so an op whose main
+// tensor is on the CPU and whose rng_state or mask is on CUDA arrives here: say so before a
+// CUDAGuard on a CPU device fails with a message about guards.
+void check_is_cuda(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(),
+              " but another tensor argument is on CUDA; put them all on one device");
+}
+
 DropoutRngSource source_from_state(const at::Tensor& rng_state, const at::Tensor& like, const char* op) {
   check_rng_state(rng_state, op);
   DropoutRngSource src{};
@@ -118,19 +126,22 @@ std::tuple<at::Tensor, at::Tensor> dropout_seeded_cuda(const at::Tensor& input, 
                                                        int64_t mask_mode) {
   const char* op = "fastreg.dropout_seeded";
   check_input(input, p, op);
+  check_is_cuda(input, "input", op);
+  const DropoutRngSource src = source_from_state(rng_state, input, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  return forward(input, p, source_from_state(rng_state, input, op), mask_mode, op);
+  return forward(input, p, src, mask_mode, op);
 }
 
 at::Tensor dropout_backward_cuda_op(const at::Tensor& grad_output, const at::Tensor& mask, const at::Tensor& rng_state,
                                     double p, int64_t mask_mode) {
   const char* op = "fastreg.dropout_backward";
   check_input(grad_output, p, op);
+  check_is_cuda(grad_output, "grad_output", op);
   const MaskMode mode = dropout_mask_mode(mask_mode);
   TORCH_CHECK(grad_output.is_non_overlapping_and_dense(), op, ": grad_output must be dense in the forward output's layout");
   check_saved_mask(mask, grad_output, mode);
+  const DropoutRngSource src = source_from_state(rng_state, grad_output, op);  // device checks first
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  const DropoutRngSource src = source_from_state(rng_state, grad_output, op);
   at::Tensor grad_input = at::empty_like(grad_output);
   at::Tensor mask_arg = mask;
   const DropoutArgs args = dropout_args(grad_output, grad_input, mask_arg, p, mode, op);

@@ -173,6 +173,8 @@ def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generat
 
 
 def check_saved_mask(mask: torch.Tensor, grad: torch.Tensor, mask_mode: int) -> None:
+    if mask.device != grad.device:  # in every mode, as the kernels do: even an unused mask
+        raise RuntimeError(f"fastreg.dropout_backward: mask is on {mask.device} but grad_output on {grad.device}")
     if mask_mode == REGENERATE:
         return
     expected = (grad.numel() + GROUP - 1) // GROUP if mask_mode == BITS else grad.numel()
