@@ -23,6 +23,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "../common/cpu_cache.h"
 #include "batch_norm_cpu_isa_entries.h"
 #include "batch_norm_kernels.h"
 
@@ -35,7 +36,6 @@ constexpr int64_t kBlockBytes = 16 << 10;        // one reduction block: read tw
 constexpr int64_t kRowInnerMax = 32;              // inner below this (and a bounded row): the row walk
 constexpr int64_t kRowWidthMax = int64_t{1} << 20;
 constexpr int64_t kTaskElems = int64_t{1} << 15;  // less work than this per task is not split
-constexpr int64_t kStreamBytes = int64_t{4} << 20;  // float outputs this large bypass the caches
 
 // Non-temporal stores are weakly ordered: fence before other threads may read the output.
 inline void store_fence() {
@@ -56,12 +56,13 @@ bool use_row_walk(const BatchNormLayout& layout) {
   return layout.inner < kRowInnerMax && layout.channels * layout.inner <= kRowWidthMax;
 }
 
-// Float32/64 outputs of 4 MB and more bypass the caches (fp32 NCHW element-wise pass 1.4-2x
-// faster on a 2-core EPYC). 16-bit outputs never do: streaming made the bf16 NCHW pass 1.6-1.7x
-// slower (its half-size output stays in L3).
+// Float32/64 outputs bypass the caches when the pass's `streams` tensors of numel elements are
+// too large to stay in cache (csrc/common/cpu_cache.h has the rule and its measurements).
+// 16-bit outputs never do: streaming made the bf16 NCHW pass 1.6-1.7x slower (its half-size
+// output stays in L3).
 template <typename T>
-bool should_stream(const BatchNormLayout& layout) {
-  return sizeof(T) >= 4 && layout.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+bool should_stream(const BatchNormLayout& layout, int64_t streams) {
+  return sizeof(T) >= 4 && bypass_cache_for(streams * layout.numel() * static_cast<int64_t>(sizeof(T)));
 }
 
 // Whole channels per thread when that balances the threads; else (few channels) blocks.
@@ -215,7 +216,7 @@ template <typename T>
 void row_elemt_all(const BatchNormLayout& layout, const void* x, void* y, const RowArrays<typename ComputeType<T>::type>& arr) {
   const Kernels<T>& k = kernels<T>();
   const RowWalk walk(layout, block_elems<T>());
-  const bool stream = should_stream<T>(layout);
+  const bool stream = should_stream<T>(layout, 2);
   at::parallel_for(0, walk.groups, grain_for(walk.group_rows * walk.width), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g1 - 1; g >= g0; --g) {
       k.row_elemt(walk, x, y, walk.group_begin(g) * walk.width, walk.group_end(g) * walk.width, arr, stream);
@@ -229,7 +230,7 @@ void row_backward_all(const BatchNormLayout& layout, const void* dy, const void*
                       const RowArrays<typename ComputeType<T>::type>& arr, bool training) {
   const Kernels<T>& k = kernels<T>();
   const RowWalk walk(layout, block_elems<T>());
-  const bool stream = should_stream<T>(layout);
+  const bool stream = should_stream<T>(layout, 3);
   at::parallel_for(0, walk.groups, grain_for(2 * walk.group_rows * walk.width), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g1 - 1; g >= g0; --g) {
       k.row_backward(walk, dy, x, dx, walk.group_begin(g) * walk.width, walk.group_end(g) * walk.width, arr, training,
@@ -282,7 +283,7 @@ void stats_impl(const BatchNormLayout& layout, const void* x, void* mean_out, vo
     return;
   }
   const Kernels<T>& k = kernels<T>();
-  const bool stream = should_stream<T>(layout);
+  const bool stream = should_stream<T>(layout, 2);
   if (use_row_walk<T>(layout)) {
     std::vector<double> m, v;
     row_stats<T>(layout, x, m, v);
@@ -352,7 +353,7 @@ void elemt_impl(const BatchNormLayout& layout, const void* x, void* y, const Bat
     return;
   }
   const Kernels<T>& k = kernels<T>();
-  const bool stream = should_stream<T>(layout);
+  const bool stream = should_stream<T>(layout, 2);
   std::vector<A> scale(layout.channels), shift(layout.channels);
   for (int64_t c = 0; c < layout.channels; ++c) {
     scale[c] = scale_of(c);
@@ -412,7 +413,7 @@ void backward_impl(const BatchNormLayout& layout, const void* dy, const void* x,
                              training ? in_dy[c] : A(0), training ? in_dyx[c] : A(0), count, training);
   };
   const Kernels<T>& k = kernels<T>();
-  const bool stream = should_stream<T>(layout);
+  const bool stream = should_stream<T>(layout, 3);
   if (use_row_walk<T>(layout)) {
     if (reduce) {
       std::vector<double> sdy, sdyx;

@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include "../common/compute_type.h"
+#include "../common/cpu_cache.h"
 #include "dropout_kernels.h"
 
 // Functions cloned per ISA (AVX-512, AVX2, baseline), the best picked at load time.
@@ -190,7 +191,7 @@ struct MultiplierTable {
   }
 };
 
-// Stores one group with non-temporal 16-byte writes: the output is not read back soon, and
+// Stores one group with non-temporal 16-byte writes: for outputs too large to stay in cache,
 // this spares the read-for-ownership of every cache line (a third of the traffic).
 template <typename T>
 inline void store_group(T* dst, const T (&src)[kDropoutGroup]) {
@@ -308,7 +309,10 @@ void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute
   const T* in = static_cast<const T*>(args.input) + e0;
   T* out = static_cast<T*>(args.output) + e0;
   const int64_t full_groups = (e1 - e0) / kDropoutGroup;
-  const bool streaming = (reinterpret_cast<uintptr_t>(out) & 15u) == 0;
+  // Non-temporal stores need 16-byte alignment, and pay only when input and output overflow
+  // the cache together (csrc/common/cpu_cache.h).
+  const bool streaming = (reinterpret_cast<uintptr_t>(out) & 15u) == 0 &&
+                         bypass_cache_for(2 * args.n * static_cast<int64_t>(sizeof(T)));
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     apply_bf16_groups(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out), bits, full_groups,
                       table.row);
