@@ -156,13 +156,29 @@ def test_cpu_and_cuda_kernels_give_the_same_masks(dtype):
     assert torch.equal(cpu[0], cuda[0].cpu())
 
 
+def _lanes(group, offset, key):
+    counter = [torch.tensor([group]), torch.tensor([0]), torch.tensor([offset]), torch.tensor([0])]
+    return [half for w in philox4x32_10(counter, key) for half in (int(w) & 0xFFFF, int(w) >> 16)]
+
+
 def test_philox_lanes_follow_the_spec():
-    # Element 8g+j keeps iff lane j of Philox(counter=(g, 0, offset, 0), key=seed) < threshold.
+    # Element 8g+j keeps iff lane j of Philox(counter=(g, 0, offset, 0), key=seed ^ "fastreg\0")
+    # is below the threshold; the tag's words are written out here.
     seed, offset, p = 77, 5, 0.5
     keep = ref.keep_flat(16, p, seed, offset)
-    words = philox4x32_10([torch.tensor([1]), torch.tensor([0]), torch.tensor([offset]), torch.tensor([0])], (seed, 0))
-    lanes = [half for w in words for half in (int(w) & 0xFFFF, int(w) >> 16)]
+    lanes = _lanes(1, offset, (seed ^ 0x74736166, 0x00676572))
     assert keep[8:16].tolist() == [lane < ref.keep_threshold(p) for lane in lanes]
+
+
+def test_keys_are_apart_from_torchs_cuda_random_ops():
+    # torch's CUDA ops draw Philox(counter=(offset/4 + k, 0, thread, 0), key=seed): untagged, our
+    # group g at offset o would repeat torch's thread o. The decisions must not be those lanes.
+    seed, offset, p = 1234, 8, 0.5
+    keep = ref.keep_flat(8 * 256, p, seed, offset).view(256, 8)
+    untagged = torch.tensor(
+        [[lane < ref.keep_threshold(p) for lane in _lanes(g, offset, (seed, 0))] for g in range(256)]
+    )
+    assert (keep == untagged).all(dim=1).sum() < 256 // 20  # equal groups: about 1 in 256 by chance
 
 
 @pytest.mark.parametrize("device", DEVICES)

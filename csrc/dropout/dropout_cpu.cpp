@@ -38,7 +38,7 @@ FASTREG_ISA_CLONES void keep_bits_block(DropoutRngState rng, uint64_t group0, ui
     c2[k] = static_cast<uint32_t>(rng.offset);
     c3[k] = static_cast<uint32_t>(rng.offset >> 32);
   }
-  uint32_t key0 = static_cast<uint32_t>(rng.seed), key1 = static_cast<uint32_t>(rng.seed >> 32);
+  uint32_t key0 = dropout_key0(rng.seed), key1 = dropout_key1(rng.seed);
   for (int round = 0; round < 10; ++round) {
     for (int k = 0; k < kBlockGroups; ++k) {
       const uint64_t p0 = static_cast<uint64_t>(kMul0) * c0[k];
@@ -96,7 +96,7 @@ __attribute__((target("avx512f"))) void keep_bits_block_avx512(DropoutRngState r
     c2[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
     c3[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
   }
-  uint32_t key0 = static_cast<uint32_t>(rng.seed), key1 = static_cast<uint32_t>(rng.seed >> 32);
+  uint32_t key0 = dropout_key0(rng.seed), key1 = dropout_key1(rng.seed);
   for (int round = 0; round < 10; ++round) {
     const __m512i k0 = _mm512_set1_epi32(static_cast<int>(key0));
     const __m512i k1 = _mm512_set1_epi32(static_cast<int>(key1));

@@ -1,5 +1,6 @@
 // The dropout keep-decision spec (dropout_rng.h): threshold and scale at the edges of p, and
-// keep bits that are exactly the 16-bit Philox lanes compared with the threshold.
+// keep bits that are exactly the 16-bit Philox lanes (under the tagged key) compared with the
+// threshold.
 #include <cmath>
 
 #include "../dropout/dropout_rng.h"
@@ -40,8 +41,9 @@ FASTREG_TEST(dropout_rng_keep_bits_are_the_philox_lanes) {
   for (uint64_t group : {uint64_t{0}, uint64_t{1}, uint64_t{0x1234567890ULL}}) {
     const fastreg::Philox4x32 counter{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
                                        static_cast<uint32_t>(rng.offset), static_cast<uint32_t>(rng.offset >> 32)}};
-    const fastreg::Philox4x32 r =
-        fastreg::philox4x32_10(counter, static_cast<uint32_t>(rng.seed), static_cast<uint32_t>(rng.seed >> 32));
+    // The key is the seed xor the ASCII bytes of "fastreg\0" (docs/rng.md), written out here.
+    const fastreg::Philox4x32 r = fastreg::philox4x32_10(counter, static_cast<uint32_t>(rng.seed) ^ 0x74736166u,
+                                                         static_cast<uint32_t>(rng.seed >> 32) ^ 0x00676572u);
     for (uint32_t threshold : {0u, 1u, 12345u, 32768u, 65535u, 65536u}) {
       const uint32_t bits = dropout_keep_bits(rng, group, threshold);
       for (int lane = 0; lane < 8; ++lane) {
@@ -52,6 +54,24 @@ FASTREG_TEST(dropout_rng_keep_bits_are_the_philox_lanes) {
       FASTREG_CHECK_EQ(bits >> 8, 0u);  // only eight decisions per group
     }
   }
+}
+
+// Untagged, group g at offset o would be torch's CUDA thread o at generator offset 4g (key =
+// seed, counter (g, 0, o, 0)): the decisions must not be those lanes.
+FASTREG_TEST(dropout_rng_keep_bits_are_not_the_untagged_philox_lanes) {
+  int same = 0;
+  const int groups = 1024;
+  for (uint64_t group = 0; group < groups; ++group) {
+    const DropoutRngState rng{1234, 8};
+    const fastreg::Philox4x32 r = fastreg::philox4x32_10({{static_cast<uint32_t>(group), 0u, 8u, 0u}}, 1234u, 0u);
+    uint32_t untagged = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      const uint32_t value = lane % 2 == 0 ? (r.x[lane / 2] & 0xFFFFu) : (r.x[lane / 2] >> 16);
+      untagged |= static_cast<uint32_t>(value < 32768u) << lane;
+    }
+    same += dropout_keep_bits(rng, group, 32768u) == untagged;
+  }
+  FASTREG_CHECK(same < groups / 20);  // independent 8-bit patterns agree about 1 time in 256
 }
 
 FASTREG_TEST(dropout_rng_keep_bits_edges_and_monotonicity) {

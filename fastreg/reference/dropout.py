@@ -18,6 +18,13 @@ GROUP = 8  # keep decisions per Philox call
 RESOLUTION = 65536  # p is resolved to 2^-16
 REGENERATE, BITS, BOOL = 0, 1, 2
 CUDA_OFFSET_INCREMENT = 4  # what one call advances a CUDA generator's philox offset by
+#: xored into the seed's two words to make the Philox key (ASCII "fastreg\0"): keeps fastreg's
+#: counters apart from PyTorch's own CUDA random ops, which use key = seed (docs/rng.md)
+KEY_TAG = (0x74736166, 0x00676572)
+
+
+def philox_key(seed: int) -> tuple[int, int]:
+    return (seed & 0xFFFFFFFF) ^ KEY_TAG[0], ((seed >> 32) & 0xFFFFFFFF) ^ KEY_TAG[1]
 
 
 def keep_threshold(p: float) -> int:
@@ -42,7 +49,7 @@ def keep_groups(groups: torch.Tensor, p: float, seed: int, offset: int) -> torch
         torch.full_like(groups, offset & 0xFFFFFFFF),
         torch.full_like(groups, (offset >> 32) & 0xFFFFFFFF),
     ]
-    words = philox4x32_10(counter, (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+    words = philox4x32_10(counter, philox_key(seed))
     lanes = torch.stack([half for w in words for half in (w & 0xFFFF, w >> 16)], dim=1)
     return lanes < keep_threshold(p)
 
