@@ -99,14 +99,15 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(DropoutArgs args, Dro
   }
 }
 
+// SMs of the current device (the glue's guard made it the tensor's), asked at each launch:
+// a value cached from the first device would size grids wrongly on hosts with mixed GPUs.
+// cudaDeviceGetAttribute reads the runtime's cached attributes (unlike cudaGetDeviceProperties,
+// which CUDA's documentation warns is slow).
 int sm_count() {
-  static int count = [] {
-    int device = 0, sms = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return sms > 0 ? sms : 1;
-  }();
-  return count;
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms > 0 ? sms : 1;
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -115,7 +116,8 @@ template <typename T, bool Backward>
 int launch_typed(const DropoutArgs& args, const DropoutRngSource& src, cudaStream_t stream) {
   const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
   const int64_t wanted = (groups + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(wanted < 1 ? 1 : (wanted < sm_count() * kBlocksPerSm ? wanted : sm_count() * kBlocksPerSm));
+  const int64_t most = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
+  const int blocks = static_cast<int>(wanted < 1 ? 1 : (wanted < most ? wanted : most));
   const bool mask_ok = args.mask == nullptr || args.mask_mode != MaskMode::Bool || (reinterpret_cast<uintptr_t>(args.mask) & 7u) == 0;
   if (aligned16(args.input) && aligned16(args.output) && mask_ok) {
     dropout_kernel<T, Backward, true><<<blocks, kThreads, 0, stream>>>(args, src);
