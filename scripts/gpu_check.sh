@@ -45,7 +45,7 @@ sanitizer() {
   local select="cuda and not compile"
   compute-sanitizer --tool memcheck --error-exitcode 1 "$python" -m pytest -q -p no:cacheprovider \
     tests/test_dropout_rng.py tests/test_dropout_ops.py tests/test_dropout_semantics.py tests/test_weight_penalty.py \
-    tests/test_batch_norm.py -k "$select" &&
+    tests/test_batch_norm.py tests/test_misaligned_inputs.py -k "$select" &&
     compute-sanitizer --tool racecheck --error-exitcode 1 "$python" -m pytest -q -p no:cacheprovider \
       tests/test_weight_penalty.py tests/test_batch_norm.py -k "$select"  # the kernels with shared memory
 }
