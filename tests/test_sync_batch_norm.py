@@ -4,6 +4,7 @@ the whole batch in one process, with the ranks holding batches of different size
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -67,10 +68,23 @@ def _worker(rank: int, store_path: str, out_dir: str, channels_last: bool) -> No
         dist.destroy_process_group()
 
 
+def run_workers(worker, args, timeout_s: float = 180.0) -> None:
+    """mp.spawn with a deadline: a worker stuck in a collective or at process-group teardown
+    (torch 2.5/2.6 gloo did that once in a while) fails the test instead of hanging the suite."""
+    context = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {WORLD} SyncBatchNorm workers did not finish within {timeout_s:.0f} s")
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_two_processes_match_the_whole_batch(tmp_path, channels_last):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), channels_last), nprocs=WORLD, join=True)
+    run_workers(_worker, (str(tmp_path / "store"), str(tmp_path), channels_last))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     x, dy = whole_batch()
