@@ -29,6 +29,7 @@ BN_OPS = (
     "batch_norm_backward",
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
+    "batch_norm_update_stats_",
 )
 
 
@@ -271,6 +272,34 @@ def test_opcheck(device):
     opcheck(OPS.batch_norm_backward.default, (dy, x, mean, invstd, w.detach(), True))
     opcheck(OPS.batch_norm_backward_reduce.default, (dy, x, mean))
     opcheck(OPS.batch_norm_backward_elemt.default, (dy, x, mean, invstd, None, mean, var, 30))
+    opcheck(OPS.batch_norm_update_stats_.default, (rm.clone(), rv.clone(), mean, var, 0.1, 30 / 29))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("running_dtype", DTYPES)
+def test_running_statistics_update_matches_reference_bits(device, running_dtype):
+    # float32/float64 running statistics blend in place; 16-bit ones through the batch's dtype.
+    use_kernels(device)
+    batch_dtype = torch.float64 if running_dtype == torch.float64 else torch.float32
+    mean, var = sample((7,), batch_dtype, device, seed=1), sample((7,), batch_dtype, device, seed=2).abs()
+    for momentum, var_scale in ((0.1, 30 / 29), (1.0, 1.0), (0.0, 2.0)):
+        ours = [sample((7,), running_dtype, device, seed=3), sample((7,), running_dtype, device, seed=4).abs()]
+        theirs = [t.clone() for t in ours]
+        before = [t.to(torch.float64, copy=True) for t in ours]
+        versions = [t._version for t in ours]
+        OPS.batch_norm_update_stats_(*ours, mean, var, momentum, var_scale)
+        ref.batch_norm_update_stats_(*theirs, mean, var, momentum, var_scale)
+        assert mismatch(ours, theirs, exact=True) is None, (momentum, var_scale)
+        assert all(t._version > v for t, v in zip(ours, versions))  # autograd sees the overwrite
+        # and the formula, against float64
+        rtol, atol = VS_TORCH[running_dtype]
+        for got, old, batch, scale in zip(ours, before, (mean, var), (1.0, var_scale)):
+            want = (1 - momentum) * old + momentum * scale * batch.double()
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    with pytest.raises(RuntimeError, match="running_var has shape"):
+        OPS.batch_norm_update_stats_(ours[0], ours[1][:3], mean, var, 0.1, 1.0)
+    with pytest.raises(RuntimeError, match=f"running_mean is on {device}.* but the batch statistic on meta"):
+        OPS.batch_norm_update_stats_(ours[0], ours[1], mean.to("meta"), var.to("meta"), 0.1, 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -517,7 +546,7 @@ def _bn_calls(x, c, dy=None):
     }
 
 
-@pytest.mark.parametrize("op", BN_OPS[:2] + BN_OPS[3:])
+@pytest.mark.parametrize("op", [op for op in BN_OPS if op not in ("batch_norm_stats", "batch_norm_update_stats_")])
 def test_meta_per_channel_tensor_with_a_cpu_input_raises(op):
     # A meta tensor among CPU ones dispatches to the Meta kernel (the fake): it used to return
     # uninitialised CPU tensors instead of saying that the devices differ.

@@ -3,9 +3,12 @@ puts together around its collectives (stats, elemt, backward_reduce, backward_el
 
 Per-channel results (mean, invstd, var, sums) are 1-D tensors of C elements in the compute
 dtype (float32; float64 for float64 inputs). Outputs keep the input's memory layout. The
-running statistics are not touched by the ops: fastreg.functional.batch_norm updates them
-from the returned mean and var, so every op here is functional (autograd, torch.compile and
-opcheck need no special cases).
+normalising ops are functional: they leave the running statistics alone, and
+fastreg.functional.batch_norm then updates those from the returned mean and var with
+batch_norm_update_stats_, the one op that mutates (it has no autograd: the running statistics
+are buffers, updated without grad as torch's own batch norm does). It exists for host time:
+the same four in-place updates from Python took longer than the whole of torch's batch norm
+call on small layers.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ define(
     "(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor sum_dy,"
     " Tensor sum_dy_xmu, int count) -> Tensor",
     ref.batch_norm_backward_elemt,
+)
+
+define(
+    "batch_norm_update_stats_",
+    "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, float momentum, float var_scale) -> ()",
+    ref.batch_norm_update_stats_,
 )
 
 
@@ -195,3 +204,9 @@ def _no_double_backward(ctx, *grads):
 
 for _name in ("batch_norm_backward", "batch_norm_backward_reduce", "batch_norm_backward_elemt"):
     torch.library.register_autograd(f"fastreg::{_name}", _no_double_backward)
+
+
+@torch.library.register_fake("fastreg::batch_norm_update_stats_")
+def _update_stats_fake(running_mean, running_var, mean, var, momentum, var_scale):
+    ref.check_running_stat(running_mean, mean, "running_mean")
+    ref.check_running_stat(running_var, var, "running_var")

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..memory_format import memory_dense
+from .in_place import bump_version
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -227,3 +228,33 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight, training: bool
         grad_input = _backward_elemt(grad_output, input, mean, invstd, weight, None, None, 0)
     out_dtype = compute if weight is None else weight.dtype
     return grad_input, (sum_dy_xmu * invstd).to(out_dtype), sum_dy.to(out_dtype)
+
+
+def check_running_stat(running: torch.Tensor, batch: torch.Tensor, name: str) -> None:
+    op = "fastreg.batch_norm_update_stats_"
+    if running.layout != torch.strided or running.shape != batch.shape or running.dim() != 1:
+        raise RuntimeError(f"{op}: {name} has shape {list(running.shape)}, the batch statistic {list(batch.shape)}")
+    if running.device != batch.device:
+        raise RuntimeError(f"{op}: {name} is on {running.device} but the batch statistic on {batch.device}")
+    if not running.is_floating_point():
+        raise TypeError(f"{op}: {name} has dtype {running.dtype}; expected a floating-point dtype")
+
+
+def batch_norm_update_stats_(running_mean, running_var, mean, var, momentum: float, var_scale: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` in place, in the running
+    statistics' precision, with ``var * var_scale`` as the batch variance (var_scale = n / (n - 1)
+    makes the biased batch variance unbiased). Bumps both version counters."""
+    check_running_stat(running_mean, mean, "running_mean")
+    check_running_stat(running_var, var, "running_var")
+    with torch.no_grad():
+        if running_mean.dtype == mean.dtype:
+            running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+        else:
+            running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
+        if running_var.dtype == var.dtype:
+            running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * var_scale)
+        else:
+            batch_var = var * var_scale
+            running_var.copy_(running_var.to(batch_var.dtype) * (1.0 - momentum) + batch_var * momentum)
+    bump_version(running_mean)
+    bump_version(running_var)
