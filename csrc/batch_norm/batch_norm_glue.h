@@ -187,4 +187,9 @@ inline at::Tensor batch_norm_match_layout(const at::Tensor& grad_output, const a
   return at::empty_like(dense_input).copy_(grad_output);
 }
 
+// fastreg::batch_norm_update_stats_ for CPU and CUDA tensors (ATen calls; defined in
+// batch_norm_running_stats.cpp, registered for CUDA by the CUDA glue of CUDA builds only).
+void batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                             const at::Tensor& var, double momentum, double var_scale);
+
 }  // namespace fastreg

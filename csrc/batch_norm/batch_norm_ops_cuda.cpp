@@ -203,6 +203,7 @@ TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda_op);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda_op);
+  m.impl("batch_norm_update_stats_", &batch_norm_update_stats);
 }
 
 }  // namespace fastreg

@@ -1,10 +1,12 @@
 // fastreg::batch_norm_update_stats_: a training step's update of the running statistics, for
-// CPU and CUDA tensors alike (it is made of ATen ops, so one registration per key serves both).
+// CPU and CUDA tensors alike (ATen calls): registered here for CPU, and for CUDA by
+// batch_norm_ops_cuda.cpp in builds with CUDA kernels.
 // The formulas, their rounding and the messages are those of the reference
 // (fastreg/reference/batch_norm.py); the schema is defined in fastreg/ops/batch_norm.py.
 #include <torch/library.h>
 
 #include "../common/tensor_glue.h"
+#include "batch_norm_glue.h"
 
 namespace fastreg {
 namespace {
@@ -32,6 +34,8 @@ void blend(const at::Tensor& running, const at::Tensor& batch, double momentum, 
   bump_version(running);  // the in-place calls run below the autograd keys, which bump it
 }
 
+}  // namespace
+
 void batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                              const at::Tensor& var, double momentum, double var_scale) {
   check_running_stat(running_mean, mean, "running_mean");
@@ -41,9 +45,6 @@ void batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& r
   blend(running_var, var, momentum, var_scale);
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) { m.impl("batch_norm_update_stats_", &batch_norm_update_stats); }
-TORCH_LIBRARY_IMPL(fastreg, CUDA, m) { m.impl("batch_norm_update_stats_", &batch_norm_update_stats); }
 
 }  // namespace fastreg
