@@ -23,12 +23,13 @@ def _git(*args: str) -> str | None:
 
 def fastreg_commit() -> str:
     """The git commit of the fastreg source being measured, '+dirty' when tracked files are
-    edited; the package version when fastreg is installed outside a checkout (a wheel)."""
+    edited (results under bench/results/ do not count: a run writing there would mark itself);
+    the package version when fastreg is installed outside a checkout (a wheel)."""
     top = _git("rev-parse", "--show-toplevel")
     if top and (Path(top) / "fastreg" / "__init__.py").resolve() == PACKAGE_DIR / "__init__.py":
         commit = _git("rev-parse", "--short=12", "HEAD")
         if commit:
-            dirty = _git("status", "--porcelain", "--untracked-files=no")
+            dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results")
             return commit + ("+dirty" if dirty else "")
     from .. import __version__
 
