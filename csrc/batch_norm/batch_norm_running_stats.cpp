@@ -31,7 +31,9 @@ void blend(const at::Tensor& running, const at::Tensor& batch, double momentum, 
     const at::Tensor scaled = batch_scale == 1.0 ? batch : batch * batch_scale;
     running.copy_(running.to(batch.scalar_type()) * (1.0 - momentum) + scaled * momentum);
   }
-  bump_version(running);  // the in-place calls run below the autograd keys, which bump it
+  // torch bumps versions at the ADInplaceOrView key, which a custom op's kernel runs below
+  // when autograd's fallback reaches it: bump here, as the reference does.
+  bump_version(running);
 }
 
 }  // namespace

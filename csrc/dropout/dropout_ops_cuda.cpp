@@ -17,8 +17,6 @@ namespace {
 // index, so any increment gives fresh streams; 4 is what the generator rounds up to anyway.
 constexpr uint64_t kOffsetIncrement = 4;
 
-// Seed and offset where a kernel can read them: from the rng_state tensor itself when it
-// lives on the GPU (graph-safe), else as host values.
 // The dispatcher runs a CUDA kernel when any tensor argument is on CUDA, so an op whose main
 // tensor is on the CPU and whose rng_state or mask is on CUDA arrives here: say so before a
 // CUDAGuard on a CPU device fails with a message about guards.
@@ -27,6 +25,8 @@ void check_is_cuda(const at::Tensor& t, const char* name, const char* op) {
               " but another tensor argument is on CUDA; put them all on one device");
 }
 
+// Seed and offset where a kernel can read them: from the rng_state tensor itself when it
+// lives on the GPU (graph-safe), else as host values.
 DropoutRngSource source_from_state(const at::Tensor& rng_state, const at::Tensor& like, const char* op) {
   check_rng_state(rng_state, op);
   DropoutRngSource src{};

@@ -3,8 +3,8 @@
 //
 // Element i (its position in the output's memory order) belongs to group g = i / 8.
 // One Philox4x32-10 call with key (seed_lo ^ "fast", seed_hi ^ "reg\0") and counter (g_lo,
-// g_hi, offset_lo, offset_hi) gives 128 bits = eight 16-bit lanes; lane j = i % 8 is bits [16*(j%2), +16) of
-// word j/2. The element is kept when its lane is below the keep threshold.
+// g_hi, offset_lo, offset_hi) gives 128 bits = eight 16-bit lanes; lane j = i % 8 is bits
+// [16*(j%2), +16) of word j/2. The element is kept when its lane is below the keep threshold.
 #pragma once
 
 #include <cmath>
