@@ -29,7 +29,7 @@ def _sample(shape, dtype, seed):
 
 
 def _inputs():
-    """Layouts that reach every walk, with runs that end mid cache line and outputs that start
+    """Layouts that reach every walk, with runs that end mid cache line and inputs that start
     mid line (a storage offset of one element)."""
     for dtype in (torch.float32, torch.float64):
         for shape in ((4, 3, 5, 7), (2, 8, 16, 16), (3, 40, 2, 2)):
