@@ -5,10 +5,11 @@
 // the Autograd alias key: they serve every backend, the reference included. Through those
 // Python kernels a forward + backward took 94-143 us of host time on the 2-core VM, through
 // these 58-79 us (torch: 30-50 us; 64 elements, so all of it is host time). An H100 moves
-// 16M bf16 elements in and out twice in about 40 us at its memory bound, so with the Python
-// kernels the GPU would wait for the host. Registered to the runtime keys AutogradCPU and AutogradCUDA, these
-// take precedence wherever the compiled library is loaded; both are tested by the same tests
-// (the default run takes these, FASTREG_BACKEND=reference the Python ones).
+// 16M bf16 elements in and out twice in about 40 us at its memory bound (computed, not yet
+// measured), so with the Python kernels the GPU would wait for the host. Registered to the
+// runtime keys AutogradCPU and AutogradCUDA, these take precedence wherever the compiled
+// library is loaded; both are tested by the same tests (the default run takes these,
+// FASTREG_BACKEND=reference the Python ones).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
