@@ -2,18 +2,20 @@
 // Free of torch types except at::parallel_for and c10's header-only half/bfloat16.
 //
 // Two walks of the [outer][C][inner] layout:
-//  - channel walk (inner >= kRowInnerMax, e.g. NCHW): a channel is `outer` runs of `inner`
-//    contiguous elements. The training forward and backward give one thread a whole channel:
-//    the reduction reads it from memory, the element-wise pass finds it in L2.
+//  - order walk (inner >= kRowInnerMax, e.g. NCHW): runs of `inner` contiguous elements in
+//    memory order; reductions over items of (group of rows) x (slab of channels), partial
+//    results per (group, channel) merged over the groups in order; element-wise passes over
+//    flat ranges.
 //  - row walk (small inner, e.g. channels_last): rows of W = C * inner contiguous elements;
 //    per-column accumulators, rows cut into fixed groups whose partial results are merged in
 //    group order.
 // Determinism: reductions run over fixed blocks (a function of the layout and dtype only)
 // whose partial results are merged in block order, whatever the number of threads.
-// Stability: each block is reduced twice from L1 (mean, then sums of x - mean), and blocks are
-// merged with Chan's formulas in double: no sum(x^2) - sum(x)^2 on raw values.
+// Stability: each block (a run or piece of one) is reduced twice from L1 (mean, then sums of
+// x - mean), and blocks are merged with Chan's formulas in double: no sum(x^2) - sum(x)^2 on
+// raw values.
 //
-// The vector code lives in the private headers batch_norm_cpu_*.h (simd, runs, channel_walk,
+// The vector code lives in the private headers batch_norm_cpu_*.h (simd, runs, order_walk,
 // row_walk, isa_entries); this file holds the drivers: which walk, how the work is split among
 // threads, the merges of block results, and the entry points of batch_norm_kernels.h.
 #include <algorithm>
@@ -65,35 +67,8 @@ bool should_stream(const BatchNormLayout& layout, int64_t streams) {
   return sizeof(T) >= 4 && bypass_cache_for(streams * layout.numel() * static_cast<int64_t>(sizeof(T)));
 }
 
-// Whole channels per thread when that balances the threads; else (few channels) blocks.
-inline bool channel_per_thread(int64_t channels) {
-  const int64_t threads = std::max<int>(1, at::get_num_threads());
-  return channels >= threads && (channels % threads == 0 || channels >= 8 * threads);
-}
-
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, work_per_item));
-}
-
-// Chan's merge of the channel's block results (mean, M2), in block order.
-inline void merge_blocks(const ChannelWalk& walk, const double* blocks, double& mean, double& var) {
-  double n = 0.0, mu = 0.0, m2 = 0.0;
-  for (int64_t b = 0; b < walk.blocks; ++b) {
-    const double nb = static_cast<double>(walk.block_count(b));
-    const double mb = blocks[2 * b], m2b = blocks[2 * b + 1];
-    if (b == 0) {
-      n = nb;
-      mu = mb;
-      m2 = m2b;
-      continue;
-    }
-    const double total = n + nb, delta = mb - mu;
-    mu += delta * (nb / total);
-    m2 += m2b + delta * delta * (n * nb / total);
-    n = total;
-  }
-  mean = mu;
-  var = n > 0 ? m2 / n : 0.0;
 }
 
 template <typename A>
@@ -240,14 +215,50 @@ void row_backward_all(const BatchNormLayout& layout, const void* dy, const void*
   });
 }
 
-// Block results of every (channel, block) pair, in parallel; pairs in block-major order, so
-// that neighbouring tasks read neighbouring memory.
-template <typename F>
-void for_pairs(const ChannelWalk& walk, int64_t elems_per_block, F&& f) {
-  const int64_t pairs = walk.channels * walk.blocks;
-  at::parallel_for(0, pairs, grain_for(elems_per_block), [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) f(p % walk.channels, p / walk.channels);
+// Per-channel (mean, var) in double over the order walk: items in parallel, then each
+// channel's unit results merged in unit order.
+template <typename T>
+void order_stats(const BatchNormLayout& layout, const void* x, std::vector<double>& mean, std::vector<double>& var) {
+  const Kernels<T>& k = kernels<T>();
+  const OrderWalk walk(layout);
+  const int64_t channels = layout.channels;
+  std::vector<double> umean(walk.units * channels), um2(walk.units * channels);
+  at::parallel_for(0, walk.items(), grain_for(kOrderItemElems), [&](int64_t i0, int64_t i1) {
+    AlignedScratch<char> scratch(walk.slab_channels * kOrderAccBytes);
+    for (int64_t i = i0; i < i1; ++i) k.order_stats_item(walk, x, i, umean.data(), um2.data(), scratch.data);
   });
+  mean.assign(channels, 0.0);
+  var.assign(channels, 0.0);
+  for (int64_t c = 0; c < channels; ++c) {
+    double n = 0.0, mu = 0.0, m2 = 0.0;
+    for (int64_t u = 0; u < walk.units; ++u) {
+      chan_merge(n, mu, m2, static_cast<double>(walk.unit_count(u)), umean[u * channels + c], um2[u * channels + c]);
+    }
+    mean[c] = mu;
+    var[c] = n > 0 ? m2 / n : 0.0;
+  }
+}
+
+// Per-channel (sum_dy, sum_dy_xmu) in double over the order walk: unit results added in order.
+template <typename T>
+void order_reduce(const BatchNormLayout& layout, const void* dy, const void* x, const typename ComputeType<T>::type* mean,
+                  std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
+  const Kernels<T>& k = kernels<T>();
+  const OrderWalk walk(layout);
+  const int64_t channels = layout.channels;
+  std::vector<double> udy(walk.units * channels), udyx(walk.units * channels);
+  at::parallel_for(0, walk.items(), grain_for(2 * kOrderItemElems), [&](int64_t i0, int64_t i1) {
+    AlignedScratch<char> scratch(walk.slab_channels * kOrderAccBytes);
+    for (int64_t i = i0; i < i1; ++i) k.order_reduce_item(walk, dy, x, i, mean, udy.data(), udyx.data(), scratch.data);
+  });
+  sum_dy.assign(channels, 0.0);
+  sum_dyx.assign(channels, 0.0);
+  for (int64_t u = 0; u < walk.units; ++u) {
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_dy[c] += udy[u * channels + c];
+      sum_dyx[c] += udyx[u * channels + c];
+    }
+  }
 }
 
 // Flat ranges of the whole tensor, in parallel (`fence`: the tasks wrote with non-temporal stores).
@@ -260,81 +271,6 @@ void for_ranges_in_order(const BatchNormLayout& layout, int64_t streams, bool fe
 }
 
 // ---- the kernels of batch_norm_kernels.h, per element type
-
-template <typename T>
-void stats_impl(const BatchNormLayout& layout, const void* x, void* mean_out, void* var_out, bool with_forward,
-                void* y, const void* weight, const void* bias, double eps, void* invstd_out) {
-  using A = typename ComputeType<T>::type;
-  A* mean = static_cast<A*>(mean_out);
-  A* var = static_cast<A*>(var_out);
-  A* invstd = static_cast<A*>(invstd_out);
-  const int64_t channels = layout.channels;
-  auto store = [&](int64_t c, double m, double v) {
-    const ChannelStats<A> s = finish_stats<A>(m, v, eps);
-    mean[c] = s.mean;
-    var[c] = s.var;
-    if (invstd != nullptr) invstd[c] = s.invstd;
-    return s;
-  };
-  auto scale_of = [&](int64_t c) { return invstd[c] * at_or<A>(weight, c, A(1)); };
-  auto bias_of = [&](int64_t c) { return at_or<A>(bias, c, A(-0.0)); };  // x + -0 == x for every x
-  if (layout.count() == 0) {
-    for (int64_t c = 0; c < channels; ++c) store(c, 0.0, 0.0);
-    return;
-  }
-  const Kernels<T>& k = kernels<T>();
-  const bool stream = should_stream<T>(layout, 2);
-  if (use_row_walk<T>(layout)) {
-    std::vector<double> m, v;
-    row_stats<T>(layout, x, m, v);
-    for (int64_t c = 0; c < channels; ++c) store(c, m[c], v[c]);
-    if (with_forward) {
-      const RowWalk walk(layout, block_elems<T>());
-      const std::vector<A> am = column_array<A>(walk, [&](int64_t c) { return mean[c]; });
-      const std::vector<A> aa = column_array<A>(walk, scale_of);
-      const std::vector<A> ab = column_array<A>(walk, bias_of);
-      row_elemt_all<T>(layout, x, y, RowArrays<A>{am.data(), aa.data(), ab.data(), nullptr});
-    }
-    return;
-  }
-  const ChannelWalk walk(layout, block_elems<T>());
-  if (channel_per_thread(channels)) {
-    at::parallel_for(0, channels, grain_for(layout.count()), [&](int64_t c0, int64_t c1) {
-      std::vector<double> blocks(2 * walk.blocks);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t b = 0; b < walk.blocks; ++b) k.stats_block(walk, x, c, b, &blocks[2 * b]);
-        double m, v;
-        merge_blocks(walk, blocks.data(), m, v);
-        const ChannelStats<A> s = store(c, m, v);
-        if (with_forward) {
-          const A a = s.invstd * at_or<A>(weight, c, A(1));
-          for (int64_t b = 0; b < walk.blocks; ++b) k.elemt_block(walk, x, y, c, b, s.mean, a, bias_of(c), stream);
-        }
-      }
-      if (stream) store_fence();
-    });
-    return;
-  }
-  std::vector<double> blocks(2 * channels * walk.blocks);
-  const int64_t per_block = block_elems<T>();
-  for_pairs(walk, per_block,
-            [&](int64_t c, int64_t b) { k.stats_block(walk, x, c, b, &blocks[2 * (c * walk.blocks + b)]); });
-  for (int64_t c = 0; c < channels; ++c) {
-    double m, v;
-    merge_blocks(walk, &blocks[2 * c * walk.blocks], m, v);
-    store(c, m, v);
-  }
-  if (with_forward) {
-    std::vector<A> scale(channels), shift(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      scale[c] = scale_of(c);
-      shift[c] = bias_of(c);
-    }
-    for_ranges_in_order(layout, 2, stream, [&](int64_t f0, int64_t f1) {
-      k.elemt_in_order(layout, x, y, f0, f1, mean, scale.data(), shift.data(), stream);
-    });
-  }
-}
 
 template <typename T>
 void elemt_impl(const BatchNormLayout& layout, const void* x, void* y, const BatchNormAffine& affine) {
@@ -364,18 +300,29 @@ void elemt_impl(const BatchNormLayout& layout, const void* x, void* y, const Bat
   });
 }
 
-// Sums in double per channel over the channel walk (per_thread: the caller's channel loop).
 template <typename T>
-void channel_sums(const Kernels<T>& k, const ChannelWalk& walk, const void* dy, const void* x, int64_t c,
-                  typename ComputeType<T>::type mean, double& sdy, double& sdyx) {
-  sdy = 0.0;
-  sdyx = 0.0;
-  for (int64_t b = 0; b < walk.blocks; ++b) {
-    double out[2];
-    k.reduce_block(walk, dy, x, c, b, mean, out);
-    sdy += out[0];
-    sdyx += out[1];
+void stats_impl(const BatchNormLayout& layout, const void* x, void* mean_out, void* var_out, bool with_forward,
+                void* y, const void* weight, const void* bias, double eps, void* invstd_out) {
+  using A = typename ComputeType<T>::type;
+  A* mean = static_cast<A*>(mean_out);
+  A* var = static_cast<A*>(var_out);
+  A* invstd = static_cast<A*>(invstd_out);
+  const int64_t channels = layout.channels;
+  auto store = [&](int64_t c, double m, double v) {
+    const ChannelStats<A> s = finish_stats<A>(m, v, eps);
+    mean[c] = s.mean;
+    var[c] = s.var;
+    if (invstd != nullptr) invstd[c] = s.invstd;
+  };
+  if (layout.count() == 0) {
+    for (int64_t c = 0; c < channels; ++c) store(c, 0.0, 0.0);
+    return;
   }
+  const bool row = use_row_walk<T>(layout);
+  std::vector<double> m, v;
+  row ? row_stats<T>(layout, x, m, v) : order_stats<T>(layout, x, m, v);
+  for (int64_t c = 0; c < channels; ++c) store(c, m[c], v[c]);
+  if (with_forward) elemt_impl<T>(layout, x, y, BatchNormAffine{mean, invstd, weight, bias});
 }
 
 template <typename A>
@@ -414,67 +361,30 @@ void backward_impl(const BatchNormLayout& layout, const void* dy, const void* x,
   };
   const Kernels<T>& k = kernels<T>();
   const bool stream = should_stream<T>(layout, 3);
-  if (use_row_walk<T>(layout)) {
-    if (reduce) {
-      std::vector<double> sdy, sdyx;
-      row_reduce<T>(layout, dy, x, mean, sdy, sdyx);
-      for (int64_t c = 0; c < channels; ++c) {
-        out_dy[c] = static_cast<A>(sdy[c]);
-        out_dyx[c] = static_cast<A>(sdyx[c]);
-      }
-    }
-    if (dx != nullptr) {
-      const RowWalk walk(layout, block_elems<T>());
-      std::vector<BackwardCoefs<A>> per(channels);
-      for (int64_t c = 0; c < channels; ++c) per[c] = coefs(c);
-      const std::vector<A> am = column_array<A>(walk, [&](int64_t c) { return per[c].mean; });
-      const std::vector<A> ad = column_array<A>(walk, [&](int64_t c) { return per[c].mean_dy; });
-      const std::vector<A> ap = column_array<A>(walk, [&](int64_t c) { return per[c].proj; });
-      const std::vector<A> as = column_array<A>(walk, [&](int64_t c) { return per[c].scale; });
-      row_backward_all<T>(layout, dy, x, dx, RowArrays<A>{am.data(), ad.data(), ap.data(), as.data()}, training);
-    }
-    return;
-  }
-  const ChannelWalk walk(layout, block_elems<T>());
-  if (reduce && channel_per_thread(channels)) {
-    at::parallel_for(0, channels, grain_for(2 * layout.count()), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double sdy, sdyx;
-        channel_sums(k, walk, dy, x, c, mean[c], sdy, sdyx);
-        out_dy[c] = static_cast<A>(sdy);
-        out_dyx[c] = static_cast<A>(sdyx);
-        if (dx != nullptr) {
-          const BackwardCoefs<A> kc = coefs(c);
-          for (int64_t b = 0; b < walk.blocks; ++b) k.backward_block(walk, dy, x, dx, c, b, kc, training, stream);
-        }
-      }
-      if (stream) store_fence();
-    });
-    return;
-  }
-  const int64_t per_block = 2 * block_elems<T>();
+  const bool row = use_row_walk<T>(layout);
   if (reduce) {
-    std::vector<double> blocks(2 * channels * walk.blocks);
-    for_pairs(walk, per_block, [&](int64_t c, int64_t b) {
-      k.reduce_block(walk, dy, x, c, b, mean[c], &blocks[2 * (c * walk.blocks + b)]);
-    });
+    std::vector<double> sdy, sdyx;
+    row ? row_reduce<T>(layout, dy, x, mean, sdy, sdyx) : order_reduce<T>(layout, dy, x, mean, sdy, sdyx);
     for (int64_t c = 0; c < channels; ++c) {
-      double sdy = 0.0, sdyx = 0.0;
-      for (int64_t b = 0; b < walk.blocks; ++b) {
-        sdy += blocks[2 * (c * walk.blocks + b)];
-        sdyx += blocks[2 * (c * walk.blocks + b) + 1];
-      }
-      out_dy[c] = static_cast<A>(sdy);
-      out_dyx[c] = static_cast<A>(sdyx);
+      out_dy[c] = static_cast<A>(sdy[c]);
+      out_dyx[c] = static_cast<A>(sdyx[c]);
     }
   }
-  if (dx != nullptr) {
-    std::vector<BackwardCoefs<A>> per(channels);
-    for (int64_t c = 0; c < channels; ++c) per[c] = coefs(c);
-    for_ranges_in_order(layout, 3, stream, [&](int64_t f0, int64_t f1) {
-      k.backward_in_order(layout, dy, x, dx, f0, f1, per.data(), training, stream);
-    });
+  if (dx == nullptr) return;
+  std::vector<BackwardCoefs<A>> per(channels);
+  for (int64_t c = 0; c < channels; ++c) per[c] = coefs(c);
+  if (row) {
+    const RowWalk walk(layout, block_elems<T>());
+    const std::vector<A> am = column_array<A>(walk, [&](int64_t c) { return per[c].mean; });
+    const std::vector<A> ad = column_array<A>(walk, [&](int64_t c) { return per[c].mean_dy; });
+    const std::vector<A> ap = column_array<A>(walk, [&](int64_t c) { return per[c].proj; });
+    const std::vector<A> as = column_array<A>(walk, [&](int64_t c) { return per[c].scale; });
+    row_backward_all<T>(layout, dy, x, dx, RowArrays<A>{am.data(), ad.data(), ap.data(), as.data()}, training);
+    return;
   }
+  for_ranges_in_order(layout, 3, stream, [&](int64_t f0, int64_t f1) {
+    k.backward_in_order(layout, dy, x, dx, f0, f1, per.data(), training, stream);
+  });
 }
 
 template <typename F>

@@ -8,7 +8,7 @@
 #include <cstring>
 
 #include "../common/compute_type.h"
-#include "batch_norm_cpu_channel_walk.h"
+#include "batch_norm_cpu_order_walk.h"
 #include "batch_norm_cpu_row_walk.h"
 
 namespace fastreg {
@@ -19,11 +19,8 @@ namespace {
 template <typename T>
 struct Kernels {
   using A = typename ComputeType<T>::type;
-  void (*stats_block)(const ChannelWalk&, const void*, int64_t, int64_t, double*);
-  void (*reduce_block)(const ChannelWalk&, const void*, const void*, int64_t, int64_t, A, double*);
-  void (*elemt_block)(const ChannelWalk&, const void*, void*, int64_t, int64_t, A, A, A, bool);
-  void (*backward_block)(const ChannelWalk&, const void*, const void*, void*, int64_t, int64_t,
-                         const BackwardCoefs<A>&, bool, bool);
+  void (*order_stats_item)(const OrderWalk&, const void*, int64_t, double*, double*, void*);
+  void (*order_reduce_item)(const OrderWalk&, const void*, const void*, int64_t, const A*, double*, double*, void*);
   void (*row_stats_group)(const RowWalk&, const void*, int64_t, double*, double*, void*);
   void (*row_reduce_group)(const RowWalk&, const void*, const void*, int64_t, const double*, double*, double*, void*);
   void (*row_elemt)(const RowWalk&, const void*, void*, int64_t, int64_t, const RowArrays<A>&, bool);
@@ -38,23 +35,14 @@ struct Kernels {
 #define FASTREG_BN_ENTRIES(NS, ISA, ATTRS)                                                                          \
   namespace NS {                                                                                                  \
   template <typename T, typename A = typename ComputeType<T>::type>                                               \
-  ATTRS void stats_block(const ChannelWalk& w, const void* x, int64_t c, int64_t b, double* out) {                \
-    fastreg::stats_block<Io<ISA, T>>(w, x, c, b, out);                                                            \
+  ATTRS void order_stats_item(const OrderWalk& w, const void* x, int64_t i, double* mean, double* m2,             \
+                              void* scratch) {                                                                    \
+    fastreg::order_stats_item<Io<ISA, T>>(w, x, i, mean, m2, scratch);                                            \
   }                                                                                                               \
   template <typename T, typename A = typename ComputeType<T>::type>                                               \
-  ATTRS void reduce_block(const ChannelWalk& w, const void* dy, const void* x, int64_t c, int64_t b, A mean,      \
-                          double* out) {                                                                          \
-    fastreg::reduce_block<Io<ISA, T>>(w, dy, x, c, b, mean, out);                                                 \
-  }                                                                                                               \
-  template <typename T, typename A = typename ComputeType<T>::type>                                               \
-  ATTRS void elemt_block(const ChannelWalk& w, const void* x, void* y, int64_t c, int64_t b, A mean, A a, A bias, \
-                         bool stream) {                                                                           \
-    fastreg::elemt_block<Io<ISA, T>>(w, x, y, c, b, mean, a, bias, stream);                                       \
-  }                                                                                                               \
-  template <typename T, typename A = typename ComputeType<T>::type>                                               \
-  ATTRS void backward_block(const ChannelWalk& w, const void* dy, const void* x, void* dx, int64_t c, int64_t b,   \
-                            const BackwardCoefs<A>& k, bool training, bool stream) {                              \
-    fastreg::backward_block<Io<ISA, T>>(w, dy, x, dx, c, b, k, training, stream);                                 \
+  ATTRS void order_reduce_item(const OrderWalk& w, const void* dy, const void* x, int64_t i, const A* mean,       \
+                               double* sdy, double* sdyx, void* scratch) {                                        \
+    fastreg::order_reduce_item<Io<ISA, T>>(w, dy, x, i, mean, sdy, sdyx, scratch);                                \
   }                                                                                                               \
   template <typename T, typename A = typename ComputeType<T>::type>                                               \
   ATTRS void row_stats_group(const RowWalk& w, const void* x, int64_t g, double* gmean, double* gm2,              \
@@ -88,9 +76,8 @@ struct Kernels {
   }                                                                                                               \
   template <typename T>                                                                                           \
   Kernels<T> kernels() {                                                                                          \
-    return Kernels<T>{&stats_block<T>,       &reduce_block<T>,      &elemt_block<T>, &backward_block<T>,          \
-                      &row_stats_group<T>,   &row_reduce_group<T>,  &row_elemt<T>,   &row_backward<T>,            \
-                      &elemt_in_order<T>,    &backward_in_order<T>};                                              \
+    return Kernels<T>{&order_stats_item<T>, &order_reduce_item<T>, &row_stats_group<T>, &row_reduce_group<T>,     \
+                      &row_elemt<T>,        &row_backward<T>,      &elemt_in_order<T>,  &backward_in_order<T>};   \
   }                                                                                                               \
   }
 

@@ -296,14 +296,6 @@ struct Io {
   }
   static inline void storea(A* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
 
-  // Lanes of `acc` added in lane order, in double.
-  template <typename W>
-  static inline double fold(const W& acc) {
-    double s = 0.0;
-    for (int k = 0; k < kLanes; ++k) s += static_cast<double>(acc[k]);
-    return s;
-  }
-
   // The lanes of a vector as doubles, in lane order: kHalves registers. (One double vector of
   // kLanes lanes instead would be wider than a register, and GCC keeps those on the stack.)
   static inline void wide(const V& v, VD (&out)[kHalves]) {
@@ -317,10 +309,27 @@ struct Io {
       out[1] = Isa::template to_doubles<VD>(hi);
     }
   }
-  static inline double foldd(const VD& acc) {
-    double s = 0.0;
-    for (int k = 0; k < kDLanes; ++k) s += acc[k];
-    return s;
+  // Lanes summed in double by halving the vector (a fixed tree: the same bits every time). The
+  // order walk folds its accumulators once per run; lane by lane, the folds cost more than the
+  // run's arithmetic (14 x 14 fp32 runs are 12 AVX-512 vectors).
+  template <int kBytes>
+  static inline double sum_lanes(const typename VecOf<double, kBytes>::type& v) {
+    if constexpr (kBytes == 8) {
+      return v[0];
+    } else {
+      using Half = typename VecOf<double, kBytes / 2>::type;
+      Half lo, hi;
+      std::memcpy(&lo, &v, sizeof(Half));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+      return sum_lanes<kBytes / 2>(lo + hi);
+    }
+  }
+  static inline double foldd(const VD& acc) { return sum_lanes<static_cast<int>(sizeof(VD))>(acc); }
+  static inline double fold(const V& acc) {
+    VD h[kHalves];
+    wide(acc, h);
+    if constexpr (kHalves == 2) return foldd(h[0] + h[1]);
+    return foldd(h[0]);
   }
   static inline VD loadd(const double* p) {
     VD v;

@@ -89,11 +89,13 @@ DType dtype_of<c10::BFloat16>() {
 // columns per channel), a row whose width is not a whole number of vectors, one large channel
 // (split across threads and into pieces), few channels with long runs, rows of whole vectors
 // that the row walk cuts into register strips of every width (144 columns: strips and single
-// vectors on AVX-512 and AVX2); last, two layouts whose float outputs pass 4 MB, so they are
-// written with non-temporal stores, with runs and rows that start and end inside cache lines.
+// vectors on AVX-512 and AVX2); an order walk with several units of rows and a partial slab of
+// channels; last, two layouts whose float outputs pass 4 MB, so they are written with
+// non-temporal stores, with runs and rows that start and end inside cache lines.
 const BatchNormLayout kLayouts[] = {
-    {4, 3, 37},  {2, 5, 1000}, {50, 7, 1},    {9, 64, 1},    {6, 4, 3},     {1, 1, 70001}, {3, 2, 9000},
-    {1, 1, 1},   {2, 1, 5},    {33, 130, 1},  {300, 144, 1}, {70, 36, 4},   {40, 7, 3737}, {52429, 5, 4},
+    {4, 3, 37},    {2, 5, 1000}, {50, 7, 1},   {9, 64, 1},    {6, 4, 3},     {1, 1, 70001},
+    {3, 2, 9000},  {1, 1, 1},    {2, 1, 5},    {33, 130, 1},  {300, 144, 1}, {70, 36, 4},
+    {30, 40, 200}, {40, 7, 3737}, {52429, 5, 4},
 };
 
 template <typename T>
@@ -263,7 +265,8 @@ FASTREG_TEST(batch_norm_cpu_empty) {
 // Fixed blocks merged in a fixed order: one thread and two give the same bits.
 FASTREG_TEST(batch_norm_cpu_independent_of_threads) {
   const int before = at::get_num_threads();
-  for (const BatchNormLayout& l : {BatchNormLayout{4, 3, 5000}, BatchNormLayout{3000, 24, 1}, BatchNormLayout{1, 1, 90001}}) {
+  for (const BatchNormLayout& l : {BatchNormLayout{4, 3, 5000}, BatchNormLayout{3000, 24, 1}, BatchNormLayout{1, 1, 90001},
+                                   BatchNormLayout{30, 40, 200}}) {
     const std::vector<float> x = values<float>(l.numel(), 5), dy = values<float>(l.numel(), 6);
     std::vector<float> out[2][5];
     std::vector<float> y[2], dx[2];
