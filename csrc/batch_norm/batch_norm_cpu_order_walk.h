@@ -161,18 +161,78 @@ void order_reduce_item(const OrderWalk& walk, const void* grad_output, const voi
   }
 }
 
-// ---- element-wise passes: flat ranges in memory order, each run of `inner` elements with its
-// channel's coefficients.
+// ---- element-wise passes: flat ranges in memory order, one vector after another across run
+// boundaries. A vector that straddles the end of a run (inner >= 32 >= lanes: at most one end)
+// takes its lanes' coefficients from both channels. The per-run loops this replaced ended each
+// run with scalar code, and with non-temporal stores also began it so, up to the next cache line:
+// at 7 x 7 (49-element runs) about a third of the elements. (128,512,7,7) fp32 on the 2-core
+// EPYC: elemt 1.35-1.47 -> 0.50-0.57 ms (a copy: 0.42-0.69), backward_elemt 1.71-1.75 -> 0.68-0.89.
 
-// Flat elements [f0, f1) of the [outer][C][inner] layout: fn(offset, length, channel) per run.
-template <typename F>
-inline void runs_in_order(int64_t inner, int64_t channels, int64_t f0, int64_t f1, F&& fn) {
-  int64_t r = f0 / inner, c = r % channels;
-  for (int64_t f = f0; f < f1; ++r, c = c + 1 == channels ? 0 : c + 1) {
-    const int64_t end = std::min(f1, (r + 1) * inner);
-    fn(f, end - f, c);
-    f = end;
+template <class IO, int K>
+struct Splats {
+  typename IO::V v[K];
+};
+
+// Flat elements [f0, f1) of the [outer][C][inner] layout: vec(stream_tag, f, splats) per vector,
+// one(f, c) per remaining element, with splat_of(c) the K coefficient vectors of channel c. When
+// `stream`, the vectors that fill whole cache lines of `out` get stream_tag true.
+template <class IO, int K, class SplatOf, class Vec, class One>
+inline void flat_walk(int64_t inner, int64_t channels, int64_t f0, int64_t f1, const typename IO::Elem* out,
+                      bool stream, SplatOf&& splat_of, Vec&& vec, One&& one) {
+  using A = typename IO::A;
+  using V = typename IO::V;
+  constexpr int64_t L = IO::kLanes;
+  int64_t f = f0;
+  int64_t r = f / inner;
+  int64_t c = r % channels, run_end = (r + 1) * inner;
+  auto next_channel = [&] { return c + 1 == channels ? 0 : c + 1; };
+  auto scalars_to = [&](int64_t end) {
+    for (; f < end; ++f) {
+      if (f == run_end) {
+        c = next_channel();
+        run_end += inner;
+      }
+      one(f, c);
+    }
+  };
+  int64_t stream_end = f;
+  if (stream) {
+    constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(typename IO::Elem));
+    const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out + f0) % 64) /
+                            static_cast<int64_t>(sizeof(typename IO::Elem));
+    scalars_to(std::min(f1, f0 + (misaligned == 0 ? 0 : kLine - misaligned)));
+    stream_end = f + (f1 - f) / kLine * kLine;
   }
+  if (f == run_end) {
+    c = next_channel();
+    run_end += inner;
+  }
+  V lane;
+  for (int k = 0; k < L; ++k) lane[k] = static_cast<A>(k);
+  Splats<IO, K> cur = splat_of(c);
+  auto vectors_to = [&](auto stream_tag, int64_t end) {
+    while (f + L <= end) {
+      const Splats<IO, K> k = cur;  // a local copy: the compiler keeps it in registers
+      const int64_t stop = std::min(end, run_end);
+      for (; f + L <= stop; f += L) vec(stream_tag, f, k);
+      if (f + L > end) break;
+      const int64_t c2 = next_channel();
+      const Splats<IO, K> next = splat_of(c2);
+      if (f < run_end) {  // the vector straddles the run's end
+        const V first = IO::splat(static_cast<A>(run_end - f));
+        Splats<IO, K> mixed;
+        for (int j = 0; j < K; ++j) mixed.v[j] = lane < first ? k.v[j] : next.v[j];
+        vec(stream_tag, f, mixed);
+        f += L;
+      }
+      c = c2;
+      cur = next;
+      run_end += inner;
+    }
+  };
+  vectors_to(std::true_type{}, stream_end);
+  vectors_to(std::false_type{}, f1);
+  scalars_to(f1);
 }
 
 template <class IO>
@@ -181,33 +241,48 @@ void elemt_in_order(const BatchNormLayout& layout, const void* input, void* outp
   using T = typename IO::Elem;
   const T* x = static_cast<const T*>(input);
   T* y = static_cast<T*>(output);
-  runs_in_order(layout.inner, layout.channels, f0, f1, [&](int64_t o, int64_t len, int64_t c) {
-    if (stream) {
-      RunOps<IO>::template elemt<true>(x + o, y + o, len, mean[c], a[c], b[c]);
-    } else {
-      RunOps<IO>::template elemt<false>(x + o, y + o, len, mean[c], a[c], b[c]);
-    }
-  });
+  flat_walk<IO, 3>(
+      layout.inner, layout.channels, f0, f1, y, stream,
+      [&](int64_t c) { return Splats<IO, 3>{{IO::splat(mean[c]), IO::splat(a[c]), IO::splat(b[c])}}; },
+      [&](auto stream_tag, int64_t f, const Splats<IO, 3>& k) {
+        IO::template store<decltype(stream_tag)::value>(y + f, (IO::load(x + f) - k.v[0]) * k.v[1] + k.v[2]);
+      },
+      [&](int64_t f, int64_t c) { IO::store1(y + f, (IO::load1(x + f) - mean[c]) * a[c] + b[c]); });
 }
 
+// training: dx = (dy - mean_dy - (x - mean) * proj) * scale;  eval: dx = dy * scale
 template <class IO>
 void backward_in_order(const BatchNormLayout& layout, const void* grad_output, const void* input, void* grad_input,
                        int64_t f0, int64_t f1, const BackwardCoefs<typename IO::A>* coefs, bool training, bool stream) {
   using T = typename IO::Elem;
+  using A = typename IO::A;
   const T* dy = static_cast<const T*>(grad_output);
   const T* x = static_cast<const T*>(input);
   T* dx = static_cast<T*>(grad_input);
-  auto go = [&](auto training_tag, auto stream_tag) {
-    runs_in_order(layout.inner, layout.channels, f0, f1, [&](int64_t o, int64_t len, int64_t c) {
-      RunOps<IO>::template backward<decltype(training_tag)::value, decltype(stream_tag)::value>(dy + o, x + o, dx + o,
-                                                                                                 len, coefs[c]);
-    });
+  auto splat_of = [&](int64_t c) {
+    const BackwardCoefs<A>& k = coefs[c];
+    return Splats<IO, 4>{{IO::splat(k.mean), IO::splat(k.mean_dy), IO::splat(k.proj), IO::splat(k.scale)}};
   };
-  if (training) {
-    stream ? go(std::true_type{}, std::true_type{}) : go(std::true_type{}, std::false_type{});
-  } else {
-    stream ? go(std::false_type{}, std::true_type{}) : go(std::false_type{}, std::false_type{});
-  }
+  auto go = [&](auto training_tag) {
+    constexpr bool kTraining = decltype(training_tag)::value;
+    flat_walk<IO, 4>(
+        layout.inner, layout.channels, f0, f1, dx, stream, splat_of,
+        [&](auto stream_tag, int64_t f, const Splats<IO, 4>& k) {
+          constexpr bool kStream = decltype(stream_tag)::value;
+          const typename IO::V g = IO::load(dy + f);
+          if constexpr (kTraining) {
+            IO::template store<kStream>(dx + f, (g - k.v[1] - (IO::load(x + f) - k.v[0]) * k.v[2]) * k.v[3]);
+          } else {
+            IO::template store<kStream>(dx + f, g * k.v[3]);
+          }
+        },
+        [&](int64_t f, int64_t c) {
+          const BackwardCoefs<A>& k = coefs[c];
+          const A g = IO::load1(dy + f);
+          IO::store1(dx + f, kTraining ? (g - k.mean_dy - (IO::load1(x + f) - k.mean) * k.proj) * k.scale : g * k.scale);
+        });
+  };
+  training ? go(std::true_type{}) : go(std::false_type{});
 }
 
 }  // namespace

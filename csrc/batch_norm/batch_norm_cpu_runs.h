@@ -1,5 +1,6 @@
-// CPU batch norm: the vector loops over one contiguous run of elements (sums, centred sums,
-// the element-wise forward and backward), shared by both walks.
+// CPU batch norm: the vector loops of the reductions over one contiguous run of elements (sums,
+// centred sums, backward sums), the per-channel backward coefficients, and the rule for
+// non-temporal stores on whole cache lines.
 // Private to batch_norm_cpu.cpp, its only includer: internal linkage on purpose, so that
 // the per-ISA clones of everything here stay inside that one translation unit.
 #pragma once
@@ -102,64 +103,6 @@ struct RunOps {
       const double g = IO::load1(dy + i);
       t1 += g;
       t2 += g * (static_cast<double>(IO::load1(x + i)) - static_cast<double>(mean));
-    }
-  }
-
-  // y = (x - mean) * a + b
-  template <bool kStream>
-  static inline void elemt_span(const T* x, T* y, int64_t n, A mean, A a, A b) {
-    const V vm = IO::splat(mean), va = IO::splat(a), vb = IO::splat(b);
-    int64_t i = 0;
-    for (; i + 2 * L <= n; i += 2 * L) {
-      const V x0 = IO::load(x + i), x1 = IO::load(x + i + L);
-      IO::template store<kStream>(y + i, (x0 - vm) * va + vb);
-      IO::template store<kStream>(y + i + L, (x1 - vm) * va + vb);
-    }
-    for (; i + L <= n; i += L) IO::template store<kStream>(y + i, (IO::load(x + i) - vm) * va + vb);
-    for (; i < n; ++i) IO::store1(y + i, (IO::load1(x + i) - mean) * a + b);
-  }
-  template <bool kStream>
-  static inline void elemt(const T* x, T* y, int64_t n, A mean, A a, A b) {
-    if constexpr (kStream) {
-      on_whole_lines<IO>(y, n, [&](auto nt, int64_t i0, int64_t i1) {
-        elemt_span<decltype(nt)::value>(x + i0, y + i0, i1 - i0, mean, a, b);
-      });
-    } else {
-      elemt_span<false>(x, y, n, mean, a, b);
-    }
-  }
-
-  // training: dx = (dy - mean_dy - (x - mean) * proj) * scale;  eval: dx = dy * scale
-  template <bool kTraining, bool kStream>
-  static inline void backward_span(const T* dy, const T* x, T* dx, int64_t n, const BackwardCoefs<A>& k) {
-    const V vm = IO::splat(k.mean), vd = IO::splat(k.mean_dy), vp = IO::splat(k.proj), vs = IO::splat(k.scale);
-    auto vec = [&](int64_t j) {
-      const V g = IO::load(dy + j);
-      if constexpr (kTraining) {
-        IO::template store<kStream>(dx + j, (g - vd - (IO::load(x + j) - vm) * vp) * vs);
-      } else {
-        IO::template store<kStream>(dx + j, g * vs);
-      }
-    };
-    int64_t i = 0;
-    for (; i + 2 * L <= n; i += 2 * L) {
-      vec(i);
-      vec(i + L);
-    }
-    for (; i + L <= n; i += L) vec(i);
-    for (; i < n; ++i) {
-      const A g = IO::load1(dy + i);
-      IO::store1(dx + i, kTraining ? (g - k.mean_dy - (IO::load1(x + i) - k.mean) * k.proj) * k.scale : g * k.scale);
-    }
-  }
-  template <bool kTraining, bool kStream>
-  static inline void backward(const T* dy, const T* x, T* dx, int64_t n, const BackwardCoefs<A>& k) {
-    if constexpr (kStream) {
-      on_whole_lines<IO>(dx, n, [&](auto nt, int64_t i0, int64_t i1) {
-        backward_span<kTraining, decltype(nt)::value>(dy + i0, x + i0, dx + i0, i1 - i0, k);
-      });
-    } else {
-      backward_span<kTraining, false>(dy, x, dx, n, k);
     }
   }
 };
