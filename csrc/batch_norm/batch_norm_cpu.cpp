@@ -3,17 +3,17 @@
 //
 // Two walks of the [outer][C][inner] layout:
 //  - order walk (inner >= kRowInnerMax, e.g. NCHW): runs of `inner` contiguous elements in
-//    memory order; reductions over items of (group of rows) x (slab of channels), partial
-//    results per (group, channel) merged over the groups in order; element-wise passes over
-//    flat ranges.
+//    memory order; reductions over items of (unit: group of rows or piece of a long run) x
+//    (slab of channels), partial results per (unit, channel) merged over the units in order;
+//    element-wise passes over flat ranges.
 //  - row walk (small inner, e.g. channels_last): rows of W = C * inner contiguous elements;
 //    per-column accumulators, rows cut into fixed groups whose partial results are merged in
 //    group order.
 // Determinism: reductions run over fixed blocks (a function of the layout and dtype only)
 // whose partial results are merged in block order, whatever the number of threads.
-// Stability: each block (a run or piece of one) is reduced twice from L1 (mean, then sums of
-// x - mean), and blocks are merged with Chan's formulas in double: no sum(x^2) - sum(x)^2 on
-// raw values.
+// Stability: each block (a row-walk block, an order-walk item) is reduced twice, the second
+// time from cache (its mean, then sums of x - mean), and blocks are merged with Chan's formulas
+// in double: no sum(x^2) - sum(x)^2 on raw values.
 //
 // The vector code lives in the private headers batch_norm_cpu_*.h (simd, runs, order_walk,
 // row_walk, isa_entries); this file holds the drivers: which walk, how the work is split among
