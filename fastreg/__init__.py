@@ -7,11 +7,12 @@ reference, with one warning, where they cannot be built.
 
 from __future__ import annotations
 
-from . import _loader, functional, ops, penalty  # noqa: F401  (ops defines torch.ops.fastreg.*)
+from . import _loader, functional, ops, penalty, training  # noqa: F401  (ops defines torch.ops.fastreg.*)
 from ._backends import backends
 from .convert import convert
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, Dropout, Dropout1d, Dropout2d, Dropout3d, SyncBatchNorm
 from .penalty import WeightPenalty, select_decay_parameters, weight_penalty
+from .training import EarlyStopping
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
+    "EarlyStopping",
     "SyncBatchNorm",
     "WeightPenalty",
     "backends",
