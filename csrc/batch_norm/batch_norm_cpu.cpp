@@ -11,9 +11,10 @@
 //    group order.
 // Determinism: reductions run over fixed blocks (a function of the layout and dtype only)
 // whose partial results are merged in block order, whatever the number of threads.
-// Stability: each block (a row-walk block, an order-walk item) is reduced twice, the second
-// time from cache (its mean, then sums of x - mean), and blocks are merged with Chan's formulas
-// in double: no sum(x^2) - sum(x)^2 on raw values.
+// Stability: sums of squares are taken around a mean, never of raw values: an order-walk
+// item is reduced twice, the second time from L2 (its mean, then sums of x - mean); a row-walk
+// block is centred on the previous block's mean (the first block of a group on its own, read
+// twice); blocks are merged with Chan's formulas in double.
 //
 // The vector code lives in the private headers batch_norm_cpu_*.h (simd, runs, order_walk,
 // row_walk, isa_entries); this file holds the drivers: which walk, how the work is split among
@@ -34,7 +35,7 @@ namespace {
 
 // ---- tuning constants (all independent of the thread count; the row walk's are in its header)
 
-constexpr int64_t kBlockBytes = 16 << 10;        // one reduction block: read twice, the second time from L1
+constexpr int64_t kBlockBytes = 16 << 10;        // row-walk block: sums in the compute type, then a merge in double
 constexpr int64_t kRowInnerMax = 32;              // inner below this (and a bounded row): the row walk
 constexpr int64_t kRowWidthMax = int64_t{1} << 20;
 constexpr int64_t kTaskElems = int64_t{1} << 15;  // less work than this per task is not split

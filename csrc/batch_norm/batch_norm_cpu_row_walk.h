@@ -142,13 +142,20 @@ bool strips_fit(int64_t width, const void* out, int64_t f0, int64_t f1, bool str
 // several, each strip's walk over a block reads memory in short strided pieces. Measured on
 // fp32 channels_last, AVX-512, 2 threads: backward_reduce of (64,256,14,14) with 4 strips of 4
 // vectors per row took 1.9x the generic loop's time, batch_norm_elemt of (8,256,56,56) with 2
-// strips of 8 took 2.2x (1.17 -> 2.54 ms). The statistics read each block twice, the second time from L1, and gain from strips
-// at every width measured (64 to 512 columns, fp32 and bf16, 1 and 2 threads).
+// strips of 8 took 2.2x (1.17 -> 2.54 ms). The statistics go by strips at every width: they
+// gained at every width measured (64 to 512 columns, fp32 and bf16, 1 and 2 threads) when
+// each block was read twice, and their centred pass, which now reads most blocks from memory,
+// still does: (64,256,14,14) fp32, 2 strips of 8 vectors per row, 0.19 ms, 0.29-0.41 ms with
+// the generic loop.
 //
 // Strip width of the passes over two inputs (dy and x): their coefficients or double sums take
 // twice the registers.
 template <class IO>
 constexpr int kTwoArrayStrip = IO::kStripVecs / 2 > 1 ? IO::kStripVecs / 2 : 1;
+
+// Strip width of the plain sums: one array of accumulators, twice the vectors.
+template <class IO>
+constexpr int kSumStrip = 2 * IO::kStripVecs;
 
 template <class IO, int kMax>
 bool one_strip_rows(int64_t width) {
@@ -160,6 +167,72 @@ bool one_strip_rows(int64_t width) {
 template <class F>
 __attribute__((always_inline)) inline void for_row_blocks(const RowWalk& walk, int64_t rows0, int64_t rows1, F&& f) {
   for (int64_t r0 = rows0; r0 < rows1; r0 += walk.block_rows) f(r0, std::min(rows1, r0 + walk.block_rows));
+}
+
+// The statistics of a group go block by block: each block's centred sums (d = x - m) added in
+// the compute type, then merged into the group's in double. The shift m is the previous
+// block's mean, so a block costs one read of memory (the group's first block takes its own
+// mean first, from a plain sum over the block, which is then still in L1). When the mean jumps
+// between blocks, the sums of d^2 carry the jump, and their rounding with it; but so does the
+// channel's variance (the between-block part), so its relative error stays within a small
+// multiple of the compute type's: measured on blocks alternating between +-1e4 + U(-1, 1),
+// fp32, 5e-7 (a block's own mean as its shift: 4e-8; the tests allow 1e-5).
+
+// m += acc / n: the shift moves to the mean of the block whose centred sums acc holds (from
+// m = 0, acc holding plain sums: the block's mean).
+template <class IO>
+inline void recentre(const typename IO::A* acc, typename IO::A* m, int64_t width, int64_t nr) {
+  using A = typename IO::A;
+  constexpr int L = IO::kLanes;
+  const A n = static_cast<A>(nr);
+  int64_t j = 0;
+  for (; j + L <= width; j += L) IO::storea(m + j, IO::loada(m + j) + IO::loada(acc + j) / IO::splat(n));
+  for (; j < width; ++j) m[j] += acc[j] / n;
+}
+
+// Chan's merge of a block of n rows (shift m, centred sums d1 = acc, d2 = s2) into the group's
+// (gmean, gm2) of rows_done rows, in double, column by column.
+template <class IO>
+inline void merge_block(const typename IO::A* acc, const typename IO::A* m, const typename IO::A* s2, int64_t width,
+                        double n, double rows_done, double* gmean, double* gm2) {
+  using VD = typename IO::VD;
+  constexpr int L = IO::kLanes, H = IO::kHalves, DL = IO::kDLanes;
+  const double total = rows_done + n, f1 = n / total, f2 = rows_done * n / total, inv_n = 1.0 / n;
+  const bool first = rows_done == 0;
+  int64_t j = 0;
+  for (; j + L <= width; j += L) {
+    VD d1[H], mv[H], d2[H];
+    IO::wide(IO::loada(acc + j), d1);
+    IO::wide(IO::loada(m + j), mv);
+    IO::wide(IO::loada(s2 + j), d2);
+    for (int h = 0; h < H; ++h) {
+      const int64_t p = j + h * DL;
+      const VD mean_b = mv[h] + d1[h] * inv_n;
+      VD m2_b = d2[h] - d1[h] * d1[h] * inv_n;
+      m2_b = m2_b > 0.0 ? m2_b : VD{};  // std::max(0.0, m2_b), NaN included
+      if (first) {
+        IO::stored(gmean + p, mean_b);
+        IO::stored(gm2 + p, m2_b);
+      } else {
+        const VD gm = IO::loadd(gmean + p), delta = mean_b - gm;
+        IO::stored(gmean + p, gm + delta * f1);
+        IO::stored(gm2 + p, IO::loadd(gm2 + p) + (m2_b + delta * delta * f2));
+      }
+    }
+  }
+  for (; j < width; ++j) {
+    const double d1 = acc[j];
+    const double mean_b = static_cast<double>(m[j]) + d1 * inv_n;
+    const double m2_b = std::max(0.0, static_cast<double>(s2[j]) - d1 * d1 * inv_n);
+    if (first) {
+      gmean[j] = mean_b;
+      gm2[j] = m2_b;
+    } else {
+      const double delta = mean_b - gmean[j];
+      gmean[j] += delta * f1;
+      gm2[j] += m2_b + delta * delta * f2;
+    }
+  }
 }
 
 // Group g: per-column (mean, M2) of its rows, merged block by block (Chan) in double.
@@ -176,60 +249,65 @@ void row_stats_group(const RowWalk& walk, const void* input, int64_t g, double* 
   A* m = acc + width + kPad;
   A* s2 = m + width + kPad;
   std::fill(acc, acc + 3 * (width + kPad), A(0));
-  double rows_done = 0;
-  for (int64_t r0 = walk.group_begin(g), r1 = walk.group_end(g); r0 < r1; r0 += walk.block_rows) {
-    const int64_t nr = std::min(walk.block_rows, r1 - r0), len = nr * width;
-    const T* xb = x + r0 * width;
-    const bool strips = width % L == 0;
-    int64_t i = 0, col = 0;
+  // Strips store their sums; the generic loops add into accumulators, cleared after each use.
+  const bool strips = width % L == 0;
+  auto clear = [&] {
+    if (!strips) {
+      std::fill(acc, acc + width, A(0));
+      std::fill(s2, s2 + width, A(0));
+    }
+  };
+  auto sums = [&](const T* xb, int64_t nr) {  // acc = sum of x
     if (strips) {
-      for_strips<IO>(width, [&](auto vecs, int64_t c0) { strip_sum<IO, decltype(vecs)::value>(xb, width, nr, c0, acc); });
-    } else {
-      for (; i + L <= len; i += L, col = next_col(col, step, width)) IO::storea(acc + col, IO::loada(acc + col) + IO::load(xb + i));
-      for (; i < len; ++i, col = col + 1 == width ? 0 : col + 1) acc[col] += IO::load1(xb + i);
-      fold_periodic<L>(acc, width);
+      for_strips<IO, kSumStrip<IO>>(width, [&](auto vecs, int64_t c0) {
+        strip_sum<IO, decltype(vecs)::value>(xb, width, nr, c0, acc);
+      });
+      return;
     }
-    const double n = static_cast<double>(nr);
-    for (int64_t j = 0; j < width; ++j) {
-      m[j] = static_cast<A>(static_cast<double>(acc[j]) / n);
-      acc[j] = A(0);
-    }
+    const int64_t len = nr * width;
+    int64_t i = 0, col = 0;
+    for (; i + L <= len; i += L, col = next_col(col, step, width)) IO::storea(acc + col, IO::loada(acc + col) + IO::load(xb + i));
+    for (; i < len; ++i, col = col + 1 == width ? 0 : col + 1) acc[col] += IO::load1(xb + i);
+    fold_periodic<L>(acc, width);
+  };
+  auto centred_sums = [&](const T* xb, int64_t nr) {  // acc = sum of d, s2 = sum of d^2, d = x - m
     if (strips) {
       for_strips<IO>(width, [&](auto vecs, int64_t c0) {
         strip_centered<IO, decltype(vecs)::value>(xb, width, nr, c0, m, acc, s2);
       });
-    } else {
-      extend_periodic<L>(m, width);
-      for (i = 0, col = 0; i + L <= len; i += L, col = next_col(col, step, width)) {
-        const V d = IO::load(xb + i) - IO::loada(m + col);
-        IO::storea(acc + col, IO::loada(acc + col) + d);
-        IO::storea(s2 + col, IO::loada(s2 + col) + d * d);
-      }
-      for (; i < len; ++i, col = col + 1 == width ? 0 : col + 1) {
-        const A d = IO::load1(xb + i) - m[col];
-        acc[col] += d;
-        s2[col] += d * d;
-      }
-      fold_periodic<L>(acc, width);
-      fold_periodic<L>(s2, width);
+      return;
     }
-    const double total = rows_done + n, f1 = n / total, f2 = rows_done * n / total;
-    for (int64_t j = 0; j < width; ++j) {
-      const double d1 = acc[j];
-      const double mean_b = static_cast<double>(m[j]) + d1 / n;
-      const double m2_b = std::max(0.0, static_cast<double>(s2[j]) - d1 * d1 / n);
-      if (rows_done == 0) {
-        gmean[j] = mean_b;
-        gm2[j] = m2_b;
-      } else {
-        const double delta = mean_b - gmean[j];
-        gmean[j] += delta * f1;
-        gm2[j] += m2_b + delta * delta * f2;
-      }
-      acc[j] = A(0);
-      s2[j] = A(0);
+    extend_periodic<L>(m, width);
+    const int64_t len = nr * width;
+    int64_t i = 0, col = 0;
+    for (; i + L <= len; i += L, col = next_col(col, step, width)) {
+      const V d = IO::load(xb + i) - IO::loada(m + col);
+      IO::storea(acc + col, IO::loada(acc + col) + d);
+      IO::storea(s2 + col, IO::loada(s2 + col) + d * d);
     }
-    rows_done = total;
+    for (; i < len; ++i, col = col + 1 == width ? 0 : col + 1) {
+      const A d = IO::load1(xb + i) - m[col];
+      acc[col] += d;
+      s2[col] += d * d;
+    }
+    fold_periodic<L>(acc, width);
+    fold_periodic<L>(s2, width);
+  };
+  double rows_done = 0;
+  for (int64_t r0 = walk.group_begin(g), r1 = walk.group_end(g); r0 < r1; r0 += walk.block_rows) {
+    const int64_t nr = std::min(walk.block_rows, r1 - r0);
+    const T* xb = x + r0 * width;
+    if (rows_done == 0) {
+      sums(xb, nr);
+      recentre<IO>(acc, m, width, nr);
+      clear();
+    }
+    centred_sums(xb, nr);
+    const double n = static_cast<double>(nr);
+    merge_block<IO>(acc, m, s2, width, n, rows_done, gmean, gm2);
+    recentre<IO>(acc, m, width, nr);  // the next block's shift
+    clear();
+    rows_done += n;
   }
 }
 

@@ -239,11 +239,26 @@ FASTREG_TEST(batch_norm_cpu_stats_large_mean) {
 // from the first rows would leave float sums of (x - shift)^2 that cancel (a one-pass row walk
 // failed this). Rows before `cut` are 1e3 + U(-1, 1), the others U(-1, 1).
 FASTREG_TEST(batch_norm_cpu_stats_shifted_first_rows) {
-  for (const BatchNormLayout& l : {BatchNormLayout{8192, 8, 1}, BatchNormLayout{3000, 37, 1}, BatchNormLayout{64, 4, 200}}) {
+  for (const BatchNormLayout& l : {BatchNormLayout{8192, 8, 1}, BatchNormLayout{3000, 37, 1}, BatchNormLayout{64, 4, 200},
+                                   BatchNormLayout{6400, 64, 1}}) {
     std::vector<float> x = values<float>(l.numel(), 5, 0.0, 1.0);
     const int64_t cut = l.numel() / 50;
     for (int64_t e = 0; e < cut; ++e) x[e] += 1e3f;
     FASTREG_CHECK_EQ(wrong_stats(l, x, 1e-6, 1e-6, 1e-5), int64_t{0});
+  }
+}
+
+// Rows alternating between +1e3 and -1e3 (+ U(-1, 1)) every `period` rows: the row walk shifts
+// each block by the previous block's mean, so with a period of a block (16 to 128 rows) every
+// shift is 2e3 off; the variance must keep its precision all the same.
+FASTREG_TEST(batch_norm_cpu_stats_alternating_blocks) {
+  for (const BatchNormLayout& l : {BatchNormLayout{4096, 64, 1}, BatchNormLayout{2048, 256, 1}, BatchNormLayout{6000, 40, 1}}) {
+    for (const int64_t period : {1, 16, 64, 102, 128}) {
+      std::vector<float> x = values<float>(l.numel(), 9, 0.0, 1.0);
+      const int64_t width = l.channels * l.inner;
+      for (int64_t e = 0; e < l.numel(); ++e) x[e] += (e / width / period) % 2 == 0 ? 1e3f : -1e3f;
+      FASTREG_CHECK_EQ(wrong_stats(l, x, 1e-6, 1e-3, 1e-5), int64_t{0});
+    }
   }
 }
 
