@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastreg._library import has_kernel
 from fastreg._loader import load_kernels
@@ -26,6 +27,19 @@ def require_kernel(device: str) -> None:
 
 
 REFERENCE_BACKEND = os.environ.get("FASTREG_BACKEND", "auto").strip().lower() == "reference"
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Records the name of every op dispatched while active (``aten.zeros.default``, ...);
+    ops that a recorded op runs inside its own kernel are not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def use_kernels(device: str, ops) -> None:

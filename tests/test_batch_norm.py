@@ -17,7 +17,7 @@ from fastreg.reference import batch_norm as ref
 from fastreg.sync_batch_norm import SyncBatchNormFunction
 from fastreg.testing import mismatch, opcheck
 
-from .helpers import DEVICES, REFERENCE_BACKEND
+from .helpers import DEVICES, REFERENCE_BACKEND, DispatchedOps
 from .helpers import use_kernels as _use_kernels
 
 OPS = torch.ops.fastreg
@@ -454,6 +454,22 @@ def test_gradients_asked_for_match_torch(training, affine, wanted):
         grads[name] = torch.autograd.grad(out.pow(3).sum(), targets)
     for got, expected in zip(grads["fastreg"], grads["torch"]):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_backward_makes_no_gradients_for_the_statistics(device):
+    """batch_norm_train's mean/invstd/var outputs get no gradient: autograd must not fill zero
+    tensors for them (three memsets per layer and step on a GPU). The backward dispatches the
+    backward op and nothing that allocates."""
+    use_kernels(device)
+    x = sample((4, 3, 5, 5), torch.float32, device).requires_grad_()
+    w = sample((3,), torch.float32, device, seed=1).requires_grad_()
+    out = OPS.batch_norm_train(x, w, None, 1e-5)[0]
+    dy = torch.ones_like(out)
+    with DispatchedOps() as seen:
+        out.backward(dy)
+    assert [n for n in seen.names if n != "aten.detach.default"] == ["fastreg.batch_norm_backward.default"]
+    assert x.grad is not None and w.grad is not None
 
 
 def test_running_statistics_that_require_grad_are_refused_in_eval():

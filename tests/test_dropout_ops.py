@@ -9,7 +9,7 @@ import fastreg
 import fastreg.functional as F
 from fastreg.testing import opcheck
 
-from .helpers import DEVICES, REFERENCE_BACKEND, use_kernels
+from .helpers import DEVICES, REFERENCE_BACKEND, DispatchedOps, use_kernels
 
 
 def state(device):
@@ -171,6 +171,22 @@ def test_all_mask_modes_give_the_same_gradients(device, mode):
     g = torch.Generator(device=device).manual_seed(3)
     y = F.dropout(x, 0.5, generator=g, mask_mode=mode)
     y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, (y != 0).float() * 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(F.MASK_MODES))
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_makes_no_gradients_for_the_mask(device, mode, inplace):
+    """The mask and rng_state outputs get no gradient: autograd must not fill zero tensors for
+    them (in bool mode a full-size mask's worth of memset in every backward)."""
+    x = torch.randn(1000, device=device, requires_grad=True)
+    y = F.dropout(x * 1.0 if inplace else x, 0.5, inplace=inplace, mask_mode=mode)
+    dy = torch.ones_like(y)
+    with DispatchedOps() as seen:
+        y.backward(dy)
+    assert "fastreg.dropout_backward.default" in seen.names
+    assert not [n for n in seen.names if "zeros" in n or "fill" in n], seen.names
     assert torch.equal(x.grad, (y != 0).float() * 2)
 
 

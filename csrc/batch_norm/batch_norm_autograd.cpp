@@ -73,6 +73,9 @@ struct BatchNormTrainFunction : torch::autograd::Function<BatchNormTrainFunction
     auto [output, mean, invstd, var] = train_op().call(input, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
     ctx->saved_data["has_bias"] = bias.has_value();
+    // Gradients of the statistics are ignored: materialised, they would be three zero-filled
+    // tensors (three memsets on a GPU) per backward.
+    ctx->set_materialize_grads(false);
     return {output, mean, invstd, var};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

@@ -47,6 +47,9 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
 void save_for_dropout_grad(AutogradContext* ctx, const at::Tensor& output, const at::Tensor& mask,
                            const at::Tensor& rng_state, double p, int64_t mask_mode) {
   ctx->save_for_backward({mask, rng_state});
+  // The mask and rng_state outputs get no gradient. Materialised, theirs would be zero-filled
+  // tensors made in every backward: a full-size bool mask's worth of memset in bool mode.
+  ctx->set_materialize_grads(false);
   ctx->saved_data["p"] = p;
   ctx->saved_data["mask_mode"] = mask_mode;
   ctx->saved_data["sizes"] = output.sizes().vec();
@@ -54,6 +57,7 @@ void save_for_dropout_grad(AutogradContext* ctx, const at::Tensor& output, const
 }
 
 at::Tensor dropout_grad(AutogradContext* ctx, const at::Tensor& grad_output) {
+  if (!grad_output.defined()) return at::Tensor();
   const variable_list saved = ctx->get_saved_variables();
   const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
   const std::vector<int64_t> strides = ctx->saved_data["strides"].toIntVector();

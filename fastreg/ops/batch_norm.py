@@ -143,6 +143,7 @@ def _train_setup(ctx, inputs, output):
     input, weight, bias, _eps = inputs
     ctx.save_for_backward(input, weight, output[1], output[2])
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # the statistics' gradients are ignored: no zeros for them
 
 
 def _train_grad(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):

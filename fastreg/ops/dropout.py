@@ -100,9 +100,14 @@ def _setup_forward(ctx, p, mask_mode, output, mask, rng_state):
     ctx.save_for_backward(mask, rng_state)
     ctx.p, ctx.mask_mode = p, mask_mode
     ctx.layout = (output.shape, output.stride())
+    # The mask and rng_state get no gradient: materialised, theirs would be zeros made in
+    # every backward (a full-size bool mask in bool mode).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output):
+    if grad_output is None:
+        return None
     mask, rng_state = ctx.saved_tensors
     grad = in_layout(grad_output, *ctx.layout)
     return torch.ops.fastreg.dropout_backward(grad, mask, rng_state, ctx.p, ctx.mask_mode)
