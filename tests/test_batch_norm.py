@@ -276,14 +276,22 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("running_dtype", DTYPES)
-def test_running_statistics_update_matches_reference_bits(device, running_dtype):
-    # float32/float64 running statistics blend in place; 16-bit ones through the batch's dtype.
+@pytest.mark.parametrize(
+    "running_dtype, batch_dtype",
+    # The kernels' pairs (16-bit running statistics as under autocast), then two that go to ATen.
+    [(d, torch.float64 if d == torch.float64 else torch.float32) for d in DTYPES]
+    + [(torch.float64, torch.float32), (torch.float32, torch.float64)],
+)
+@pytest.mark.parametrize("channels, step", [(7, 1), (300, 1), (5, 3)])
+def test_running_statistics_update_matches_reference_bits(device, running_dtype, batch_dtype, channels, step):
+    """Every product and sum rounded as in the reference, in the batch statistics' dtype; 300
+    channels span more than one CUDA block; step 3 updates a strided view in place."""
     use_kernels(device)
-    batch_dtype = torch.float64 if running_dtype == torch.float64 else torch.float32
-    mean, var = sample((7,), batch_dtype, device, seed=1), sample((7,), batch_dtype, device, seed=2).abs()
-    for momentum, var_scale in ((0.1, 30 / 29), (1.0, 1.0), (0.0, 2.0)):
-        ours = [sample((7,), running_dtype, device, seed=3), sample((7,), running_dtype, device, seed=4).abs()]
+    mean = sample((channels,), batch_dtype, device, seed=1)
+    var = sample((channels,), batch_dtype, device, seed=2).abs()
+    for momentum, var_scale in ((0.1, 30 / 29), (1.0, 1.0), (0.0, 2.0), (1 / 3, 7 / 6)):
+        storage = [sample((channels * step,), running_dtype, device, seed=s).abs() for s in (3, 4)]
+        ours = [t[::step] for t in storage]
         theirs = [t.clone() for t in ours]
         before = [t.to(torch.float64, copy=True) for t in ours]
         versions = [t._version for t in ours]
@@ -291,15 +299,32 @@ def test_running_statistics_update_matches_reference_bits(device, running_dtype)
         ref.batch_norm_update_stats_(*theirs, mean, var, momentum, var_scale)
         assert mismatch(ours, theirs, exact=True) is None, (momentum, var_scale)
         assert all(t._version > v for t, v in zip(ours, versions))  # autograd sees the overwrite
-        # and the formula, against float64
-        rtol, atol = VS_TORCH[running_dtype]
+        if step > 1:  # the elements between the view's are untouched
+            assert torch.equal(
+                storage[0][1::step], sample((channels * step,), running_dtype, device, seed=3).abs()[1::step]
+            )
+        # and the formula, against float64, to the precision of the coarser dtype
+        rtol, atol = max(VS_TORCH[running_dtype], VS_TORCH[batch_dtype])
         for got, old, batch, scale in zip(ours, before, (mean, var), (1.0, var_scale)):
             want = (1 - momentum) * old + momentum * scale * batch.double()
             torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_statistics_update_checks_its_arguments(device):
+    use_kernels(device)
+    mean, var = torch.zeros(7, device=device), torch.ones(7, device=device)
+    running_mean, running_var = torch.zeros(7, device=device), torch.ones(7, device=device)
     with pytest.raises(RuntimeError, match="running_var has shape"):
-        OPS.batch_norm_update_stats_(ours[0], ours[1][:3], mean, var, 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean, running_var[:3], mean, var, 0.1, 1.0)
     with pytest.raises(RuntimeError, match=f"running_mean is on {device}.* but the batch statistic on meta"):
-        OPS.batch_norm_update_stats_(ours[0], ours[1], mean.to("meta"), var.to("meta"), 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean, running_var, mean.to("meta"), var.to("meta"), 0.1, 1.0)
+    with pytest.raises(RuntimeError, match="running_var is on meta but running_mean on"):
+        OPS.batch_norm_update_stats_(running_mean, running_var.to("meta"), mean, var.to("meta"), 0.1, 1.0)
+    with pytest.raises(TypeError, match="running_mean has dtype"):
+        OPS.batch_norm_update_stats_(running_mean.int(), running_var, mean, var, 0.1, 1.0)
+    assert torch.equal(running_mean, torch.zeros(7, device=device))
+    assert torch.equal(running_var, torch.ones(7, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

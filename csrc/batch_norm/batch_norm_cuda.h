@@ -21,4 +21,25 @@ const char* batch_norm_grad_affine_cuda(int64_t channels, DType compute, DType o
                                         const void* sum_dy_xmu, const void* invstd, void* grad_weight, void* grad_bias,
                                         void* stream);
 
+// The training step's running-statistics update, mean and variance in one launch. Element c of
+// each array is at c * its stride. mean and var hold the batch statistics in the compute type;
+// running_mean and running_var are of `running`: the compute type, or Float16/BFloat16 with a
+// Float32 compute type (other pairs return an error; the glue sends them to ATen).
+//   running = (1 - momentum) * running + momentum * scale * batch   (scale = 1 for the mean,
+//   var_scale for the variance), each product and the sum rounded in the compute type.
+struct RunningStatsArgs {
+  int64_t channels;
+  void* running_mean;
+  void* running_var;
+  const void* mean;
+  const void* var;
+  int64_t running_mean_stride;
+  int64_t running_var_stride;
+  int64_t mean_stride;
+  int64_t var_stride;
+};
+
+const char* batch_norm_update_running_cuda(const RunningStatsArgs& args, DType running, DType compute,
+                                          double momentum, double var_scale, void* stream);
+
 }  // namespace fastreg

@@ -187,9 +187,13 @@ inline at::Tensor batch_norm_match_layout(const at::Tensor& grad_output, const a
   return at::empty_like(dense_input).copy_(grad_output);
 }
 
-// fastreg::batch_norm_update_stats_ for CPU and CUDA tensors (ATen calls; defined in
-// batch_norm_running_stats.cpp, registered for CUDA by the CUDA glue of CUDA builds only).
-void batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
-                             const at::Tensor& var, double momentum, double var_scale);
+// fastreg::batch_norm_update_stats_ (batch_norm_running_stats.cpp): the argument checks, and
+// the update with ATen calls for the dtype pairs the kernels leave out (say float64 running
+// statistics with float32 batch statistics): running.copy_(running.to(batch's dtype) *
+// (1 - momentum) + batch * (momentum * batch_scale)), the reference's formula.
+void batch_norm_check_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                                   const at::Tensor& var);
+void batch_norm_blend_running_aten(const at::Tensor& running, const at::Tensor& batch, double momentum,
+                                   double batch_scale);
 
 }  // namespace fastreg

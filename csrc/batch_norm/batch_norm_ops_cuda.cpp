@@ -193,6 +193,37 @@ at::Tensor batch_norm_backward_elemt_cuda_op(const at::Tensor& grad_output, cons
   return grad_input;
 }
 
+// The dtypes of batch_norm_update_running_cuda: float32 or float64 batch statistics, running
+// statistics of the same dtype or, with float32 batch statistics, float16/bfloat16 (autocast).
+bool running_stats_kernel_dtypes(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                                 const at::Tensor& var) {
+  const at::ScalarType running = running_mean.scalar_type(), batch = mean.scalar_type();
+  if (running_var.scalar_type() != running || var.scalar_type() != batch) return false;
+  if (batch == at::kDouble) return running == at::kDouble;
+  return batch == at::kFloat && (running == at::kFloat || running == at::kHalf || running == at::kBFloat16);
+}
+
+void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                                  const at::Tensor& var, double momentum, double var_scale) {
+  const char* op = "fastreg.batch_norm_update_stats_";
+  batch_norm_check_update_stats(running_mean, running_var, mean, var);
+  const c10::cuda::CUDAGuard guard(cuda_device(running_mean, op));
+  if (running_stats_kernel_dtypes(running_mean, running_var, mean, var)) {
+    const RunningStatsArgs args{running_mean.numel(), running_mean.data_ptr(), running_var.data_ptr(),
+                                mean.data_ptr(),      var.data_ptr(),          running_mean.stride(0),
+                                running_var.stride(0), mean.stride(0),         var.stride(0)};
+    check_launch(batch_norm_update_running_cuda(args, kernel_dtype(running_mean, op), kernel_dtype(mean, op), momentum,
+                                                var_scale, current_stream()),
+                 op);
+  } else {
+    batch_norm_blend_running_aten(running_mean, mean, momentum, 1.0);
+    batch_norm_blend_running_aten(running_var, var, momentum, var_scale);
+  }
+  // As on the CPU (batch_norm_running_stats.cpp): autograd's fallback does not bump versions.
+  bump_version(running_mean);
+  bump_version(running_var);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
@@ -203,7 +234,7 @@ TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda_op);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda_op);
-  m.impl("batch_norm_update_stats_", &batch_norm_update_stats);
+  m.impl("batch_norm_update_stats_", &batch_norm_update_stats_cuda);
 }
 
 }  // namespace fastreg

@@ -517,6 +517,22 @@ __global__ void __launch_bounds__(kThreads)
   grad_bias[c] = from_compute<O>(sum_dy[c]);
 }
 
+// The running-statistics update of a training step, mean and variance in one launch:
+// running = (1 - momentum) * running + momentum * scale * batch, each product and the sum
+// rounded in the compute type A (the reference's formula), the result rounded to R.
+template <typename A, typename R>
+__global__ void __launch_bounds__(kThreads) running_stats_kernel(const RunningStatsArgs a, A keep, A mean_weight,
+                                                                 A var_weight) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= a.channels) return;
+  R* running_mean = static_cast<R*>(a.running_mean) + c * a.running_mean_stride;
+  R* running_var = static_cast<R*>(a.running_var) + c * a.running_var_stride;
+  const A mean = static_cast<const A*>(a.mean)[c * a.mean_stride];
+  const A var = static_cast<const A*>(a.var)[c * a.var_stride];
+  *running_mean = from_compute<R>(add_rn(mul_rn(to_compute(*running_mean), keep), mul_rn(mean, mean_weight)));
+  *running_var = from_compute<R>(add_rn(mul_rn(to_compute(*running_var), keep), mul_rn(var, var_weight)));
+}
+
 // ---- launchers
 
 const char* last_error() {
@@ -635,6 +651,13 @@ void launch_grad_affine(int64_t channels, DType out, const void* sum_dy, const v
   }
 }
 
+template <typename A, typename R>
+void launch_running_stats(const RunningStatsArgs& a, double momentum, double var_scale, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>(ceil_div(a.channels, kThreads));
+  running_stats_kernel<A, R><<<blocks, kThreads, 0, stream>>>(a, static_cast<A>(1.0 - momentum), static_cast<A>(momentum),
+                                                              static_cast<A>(momentum * var_scale));
+}
+
 }  // namespace
 
 int64_t batch_norm_cuda_workspace_bytes(const BatchNormLayout& layout, DType dtype) {
@@ -707,6 +730,25 @@ const char* batch_norm_grad_affine_cuda(int64_t channels, DType compute, DType o
     launch_grad_affine<double>(channels, out, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, s);
   } else {
     launch_grad_affine<float>(channels, out, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, s);
+  }
+  return last_error();
+}
+
+const char* batch_norm_update_running_cuda(const RunningStatsArgs& args, DType running, DType compute,
+                                          double momentum, double var_scale, void* stream) {
+  if (args.channels <= 0) return nullptr;
+  if (ceil_div(args.channels, kThreads) > kMaxGridX) return "fastreg.batch_norm: too many channels for one CUDA grid";
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (compute == DType::Float64 && running == DType::Float64) {
+    launch_running_stats<double, double>(args, momentum, var_scale, s);
+  } else if (compute == DType::Float32 && running == DType::Float32) {
+    launch_running_stats<float, float>(args, momentum, var_scale, s);
+  } else if (compute == DType::Float32 && running == DType::Float16) {
+    launch_running_stats<float, __half>(args, momentum, var_scale, s);
+  } else if (compute == DType::Float32 && running == DType::BFloat16) {
+    launch_running_stats<float, __nv_bfloat16>(args, momentum, var_scale, s);
+  } else {
+    return "fastreg.batch_norm_update_stats_: no CUDA kernel for this pair of dtypes";
   }
   return last_error();
 }

@@ -209,5 +209,4 @@ for _name in ("batch_norm_backward", "batch_norm_backward_reduce", "batch_norm_b
 
 @torch.library.register_fake("fastreg::batch_norm_update_stats_")
 def _update_stats_fake(running_mean, running_var, mean, var, momentum, var_scale):
-    ref.check_running_stat(running_mean, mean, "running_mean")
-    ref.check_running_stat(running_var, var, "running_var")
+    ref.check_update_stats(running_mean, running_var, mean, var)

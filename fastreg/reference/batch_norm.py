@@ -240,21 +240,30 @@ def check_running_stat(running: torch.Tensor, batch: torch.Tensor, name: str) ->
         raise TypeError(f"{op}: {name} has dtype {running.dtype}; expected a floating-point dtype")
 
 
-def batch_norm_update_stats_(running_mean, running_var, mean, var, momentum: float, var_scale: float) -> None:
-    """``running = (1 - momentum) * running + momentum * batch`` in place, in the running
-    statistics' precision, with ``var * var_scale`` as the batch variance (var_scale = n / (n - 1)
-    makes the biased batch variance unbiased). Bumps both version counters."""
+def check_update_stats(running_mean, running_var, mean, var) -> None:
     check_running_stat(running_mean, mean, "running_mean")
     check_running_stat(running_var, var, "running_var")
+    if running_var.device != running_mean.device:
+        raise RuntimeError(
+            f"fastreg.batch_norm_update_stats_: running_var is on {running_var.device} but running_mean on "
+            f"{running_mean.device}"
+        )
+
+
+def _blend_running(running: torch.Tensor, batch: torch.Tensor, momentum: float, batch_scale: float) -> None:
+    # Each product and their sum rounded in the batch statistic's dtype (separate ops: no fused
+    # multiply-add), the result in the running statistic's: the kernels' formula, bit for bit.
+    running.copy_(running.to(batch.dtype) * (1.0 - momentum) + batch * (momentum * batch_scale))
+
+
+def batch_norm_update_stats_(running_mean, running_var, mean, var, momentum: float, var_scale: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` in place, computed in the batch
+    statistics' dtype and stored in the running statistics', with ``var * var_scale`` as the batch
+    variance (var_scale = n / (n - 1) makes the biased batch variance unbiased). Bumps both
+    version counters."""
+    check_update_stats(running_mean, running_var, mean, var)
     with torch.no_grad():
-        if running_mean.dtype == mean.dtype:
-            running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
-        else:
-            running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
-        if running_var.dtype == var.dtype:
-            running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * var_scale)
-        else:
-            batch_var = var * var_scale
-            running_var.copy_(running_var.to(batch_var.dtype) * (1.0 - momentum) + batch_var * momentum)
+        _blend_running(running_mean, mean, momentum, 1.0)
+        _blend_running(running_var, var, momentum, var_scale)
     bump_version(running_mean)
     bump_version(running_var)
