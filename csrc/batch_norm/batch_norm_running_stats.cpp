@@ -22,6 +22,9 @@ void check_running_stat(const at::Tensor& running, const at::Tensor& batch, cons
               " but the batch statistic on ", batch.device());
   TORCH_CHECK_TYPE(at::isFloatingType(running.scalar_type()), kOp, ": ", name, " has dtype ", running.scalar_type(),
                    "; expected a floating-point dtype");
+  // Updated in place element by element: elements sharing memory would be updated twice.
+  TORCH_CHECK(running.numel() <= 1 || running.stride(0) != 0, kOp, ": ", name,
+              " has stride 0 (an expanded tensor), so its elements share memory; pass a tensor of its own");
 }
 
 // Stored through a volatile, a product is rounded to T: the compiler may not fuse it into the

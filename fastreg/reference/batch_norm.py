@@ -238,6 +238,10 @@ def check_running_stat(running: torch.Tensor, batch: torch.Tensor, name: str) ->
         raise RuntimeError(f"{op}: {name} is on {running.device} but the batch statistic on {batch.device}")
     if not running.is_floating_point():
         raise TypeError(f"{op}: {name} has dtype {running.dtype}; expected a floating-point dtype")
+    if running.numel() > 1 and running.stride(0) == 0:  # updated in place: each element once
+        raise RuntimeError(
+            f"{op}: {name} has stride 0 (an expanded tensor), so its elements share memory; pass a tensor of its own"
+        )
 
 
 def check_update_stats(running_mean, running_var, mean, var) -> None:
