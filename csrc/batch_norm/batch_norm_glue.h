@@ -195,5 +195,9 @@ void batch_norm_check_update_stats(const at::Tensor& running_mean, const at::Ten
                                    const at::Tensor& var);
 void batch_norm_blend_running_aten(const at::Tensor& running, const at::Tensor& batch, double momentum,
                                    double batch_scale);
+// Whether an update kernel (CPU loop, CUDA kernel) takes this (running, batch) dtype pair:
+// float64 with float64, float32 with float32, float16 or bfloat16 running statistics with
+// float32 batch statistics (autocast). Other pairs take batch_norm_blend_running_aten.
+bool batch_norm_update_has_kernel(at::ScalarType running, at::ScalarType batch);
 
 }  // namespace fastreg

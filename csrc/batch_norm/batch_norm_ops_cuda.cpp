@@ -193,14 +193,13 @@ at::Tensor batch_norm_backward_elemt_cuda_op(const at::Tensor& grad_output, cons
   return grad_input;
 }
 
-// The dtypes of batch_norm_update_running_cuda: float32 or float64 batch statistics, running
-// statistics of the same dtype or, with float32 batch statistics, float16/bfloat16 (autocast).
+// batch_norm_update_running_cuda updates both statistics in one launch: the two running
+// statistics share a dtype, the two batch ones too, and the pair has a kernel.
 bool running_stats_kernel_dtypes(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                                  const at::Tensor& var) {
   const at::ScalarType running = running_mean.scalar_type(), batch = mean.scalar_type();
-  if (running_var.scalar_type() != running || var.scalar_type() != batch) return false;
-  if (batch == at::kDouble) return running == at::kDouble;
-  return batch == at::kFloat && (running == at::kFloat || running == at::kHalf || running == at::kBFloat16);
+  return running_var.scalar_type() == running && var.scalar_type() == batch &&
+         batch_norm_update_has_kernel(running, batch);
 }
 
 void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,

@@ -50,21 +50,30 @@ void blend_cpu(const at::Tensor& running, const at::Tensor& batch, double moment
 }
 
 void blend(const at::Tensor& running, const at::Tensor& batch, double momentum, double batch_scale) {
-  const at::ScalarType r = running.scalar_type();
-  if (batch.scalar_type() == at::kDouble && r == at::kDouble) {
-    blend_cpu<double, double>(running, batch, momentum, batch_scale);
-  } else if (batch.scalar_type() == at::kFloat && r == at::kFloat) {
-    blend_cpu<float, float>(running, batch, momentum, batch_scale);
-  } else if (batch.scalar_type() == at::kFloat && r == at::kHalf) {
-    blend_cpu<at::Half, float>(running, batch, momentum, batch_scale);
-  } else if (batch.scalar_type() == at::kFloat && r == at::kBFloat16) {
-    blend_cpu<at::BFloat16, float>(running, batch, momentum, batch_scale);
-  } else {
+  if (!batch_norm_update_has_kernel(running.scalar_type(), batch.scalar_type())) {
     batch_norm_blend_running_aten(running, batch, momentum, batch_scale);
+    return;
+  }
+  switch (running.scalar_type()) {
+    case at::kDouble:
+      return blend_cpu<double, double>(running, batch, momentum, batch_scale);
+    case at::kFloat:
+      return blend_cpu<float, float>(running, batch, momentum, batch_scale);
+    case at::kHalf:
+      return blend_cpu<at::Half, float>(running, batch, momentum, batch_scale);
+    case at::kBFloat16:
+      return blend_cpu<at::BFloat16, float>(running, batch, momentum, batch_scale);
+    default:
+      TORCH_INTERNAL_ASSERT(false, kOp, ": batch_norm_update_has_kernel and blend disagree on ", running.scalar_type());
   }
 }
 
 }  // namespace
+
+bool batch_norm_update_has_kernel(at::ScalarType running, at::ScalarType batch) {
+  if (batch == at::kDouble) return running == at::kDouble;
+  return batch == at::kFloat && (running == at::kFloat || running == at::kHalf || running == at::kBFloat16);
+}
 
 void batch_norm_check_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                                    const at::Tensor& var) {
