@@ -526,6 +526,8 @@ def test_mixed_devices_name_the_problem(impl):
         backward(torch.tensor(1.0), cuda, 0.1, 0.2)
     with pytest.raises(RuntimeError, match=r"grad_output is on cuda:\d+ but the parameters are on cpu"):
         backward(torch.tensor(1.0, device="cuda"), cpu, 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"grad_output is on cuda:\d+ but the parameters are on cpu"):
+        backward(torch.tensor(1.0, device="cuda"), [], 0.1, 0.2)  # no parameters count as CPU ones
     with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:\d+ but params\[0\] is on cpu"):
         backward(torch.tensor(1.0), [cpu[0], cuda[1]], 0.1, 0.2)
 

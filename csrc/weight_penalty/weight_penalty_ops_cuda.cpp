@@ -64,10 +64,12 @@ at::Tensor weight_penalty_grad_cuda(at::TensorList grads, at::TensorList params,
 std::vector<at::Tensor> weight_penalty_backward_cuda(const at::Tensor& grad_output, at::TensorList params, double l1,
                                                      double l2) {
   check_penalty_coefficients(l1, l2);
-  TORCH_CHECK(!params.empty(), "fastreg.weight_penalty_backward: no parameters");
   check_penalty_params(params);
   const at::TensorOptions value_options = penalty_value_options(params);
+  // Before the empty-list check: a CUDA grad_output with no parameters (which count as CPU
+  // ones) reaches this kernel and must get the reference's device message.
   check_penalty_grad_output(grad_output, value_options);
+  TORCH_CHECK(!params.empty(), "fastreg.weight_penalty_backward: no parameters");
   const c10::cuda::CUDAGuard guard(penalty_cuda_device({params}));
   std::vector<at::Tensor> outputs;
   const PenaltyBatch batch = penalty_backward_batch(params, outputs);
