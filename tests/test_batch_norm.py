@@ -325,6 +325,9 @@ def test_running_statistics_update_checks_its_arguments(device):
         OPS.batch_norm_update_stats_(running_mean.int(), running_var, mean, var, 0.1, 1.0)
     with pytest.raises(RuntimeError, match="running_var has stride 0"):
         OPS.batch_norm_update_stats_(running_mean, running_var[:1].expand(7), mean, var, 0.1, 1.0)
+    # each pair matches, the pairs do not: the CUDA kernel walked both with running_mean's count
+    with pytest.raises(RuntimeError, match="running_var has 3 elements but running_mean 7"):
+        OPS.batch_norm_update_stats_(running_mean, running_var[:3], mean, var[:3], 0.1, 1.0)
     assert torch.equal(running_mean, torch.zeros(7, device=device))
     assert torch.equal(running_var, torch.ones(7, device=device))
 

@@ -81,6 +81,9 @@ void batch_norm_check_update_stats(const at::Tensor& running_mean, const at::Ten
   check_running_stat(running_var, var, "running_var");
   TORCH_CHECK(running_var.device() == running_mean.device(), kOp, ": running_var is on ", running_var.device(),
               " but running_mean on ", running_mean.device());
+  // One value per channel in all four (the CUDA kernel walks them with one count).
+  TORCH_CHECK(running_var.numel() == running_mean.numel(), kOp, ": running_var has ", running_var.numel(),
+              " elements but running_mean ", running_mean.numel(), "; both hold one value per channel");
 }
 
 void batch_norm_blend_running_aten(const at::Tensor& running, const at::Tensor& batch, double momentum,

@@ -252,6 +252,11 @@ def check_update_stats(running_mean, running_var, mean, var) -> None:
             f"fastreg.batch_norm_update_stats_: running_var is on {running_var.device} but running_mean on "
             f"{running_mean.device}"
         )
+    if running_var.numel() != running_mean.numel():
+        raise RuntimeError(
+            f"fastreg.batch_norm_update_stats_: running_var has {running_var.numel()} elements but running_mean "
+            f"{running_mean.numel()}; both hold one value per channel"
+        )
 
 
 def _blend_running(running: torch.Tensor, batch: torch.Tensor, momentum: float, batch_scale: float) -> None:
