@@ -265,6 +265,44 @@ def test_cpu_tensors_with_a_cuda_rng_state_or_mask_raise_naming_the_devices():
         assert "Guard" not in str(error.value)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_refused_calls_draw_no_random_numbers(device):
+    # Every check comes before the generator advances: a call that raises leaves the stream as it was.
+    use_kernels(device, ("dropout", "dropout_"))
+    generator = torch.Generator(device=device).manual_seed(0)
+    before = generator.get_state()
+    x = torch.ones(8, device=device)
+    calls = [
+        (lambda: OPS.dropout(x, 1.5, 0, generator), ValueError, "between 0 and 1"),
+        (lambda: OPS.dropout(x, 0.5, 3, generator), ValueError, "mask_mode"),
+        (lambda: OPS.dropout(x.int(), 0.5, 0, generator), TypeError, "floating-point"),
+        (lambda: OPS.dropout_(x.clone(), 1.5, 0, generator), ValueError, "between 0 and 1"),
+        (lambda: OPS.dropout_(x.clone(), 0.5, 3, generator), ValueError, "mask_mode"),
+    ]
+    for call, error, message in calls:
+        with pytest.raises(error, match=message):
+            call()
+        assert torch.equal(generator.get_state(), before), message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_generator_of_another_device_is_refused_by_name():
+    # torch.ops calls pick the kernel from the tensors, C++ calls (the autograd node's) from the
+    # generator too: both paths, and the reference, must name the mismatch.
+    x = torch.randn(4, 6)
+    cuda_generator, cpu_generator = torch.Generator("cuda"), torch.Generator()
+    calls = [
+        (lambda: F.dropout(x.requires_grad_(), 0.5, generator=cuda_generator), "cuda.* but input is on cpu"),
+        (lambda: OPS.dropout(x.detach(), 0.5, 0, cuda_generator), "cuda.* but input is on cpu"),
+        (lambda: OPS.dropout_(x.detach().clone(), 0.5, 0, cuda_generator), "cuda.* but input is on cpu"),
+        (lambda: F.dropout(x.detach().cuda(), 0.5, generator=cpu_generator), "cpu but input is on cuda"),
+        (lambda: OPS.dropout_(x.detach().cuda(), 0.5, 0, cpu_generator), "cpu but input is on cuda"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError, match="generator is on " + message):
+            call()
+
+
 def _fake_or_meta(convert):
     """(context, converter): FakeTensorMode and its tensors, or meta tensors."""
     if convert == "meta":

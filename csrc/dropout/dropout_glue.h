@@ -21,6 +21,16 @@ inline void check_dropout_p(double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
 }
 
+// A generator of another device type than the input's is refused by name. Without this check
+// the failure depends on the path: a torch.ops call picks the kernel from the tensors alone,
+// a C++ call from the generator too (a CPU input with a CUDA generator reaches the CUDA kernel).
+inline void check_dropout_generator(const std::optional<at::Generator>& generator, const at::Tensor& input,
+                                    const char* op) {
+  if (!generator.has_value() || !generator->defined()) return;
+  TORCH_CHECK(generator->device().type() == input.device().type(), op, ": generator is on ", generator->device(),
+              " but input is on ", input.device(), "; pass a generator of the input's device");
+}
+
 // The mask tensor a forward call returns: empty for Regenerate, packed bytes for Bits,
 // a bool tensor shaped and strided like the output for Bool.
 inline at::Tensor new_dropout_mask(const at::Tensor& dense_input, MaskMode mode) {

@@ -52,6 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& inp
                                                            std::optional<at::Generator> generator) {
   check_strided(input, "fastreg.dropout", "input");
   kernel_dtype(input, "fastreg.dropout");
+  check_dropout_p(p);  // every check before the generator advances: a refused call draws nothing
+  dropout_mask_mode(mask_mode);
+  check_dropout_generator(generator, input, "fastreg.dropout");
   at::Tensor rng_state = draw_rng_state(generator);
   auto [out, mask] = forward_with_state(input, p, host_rng_state(rng_state), mask_mode);
   return {out, mask, rng_state};
@@ -68,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_inplace_cpu(at::Tensor& input, double
   kernel_dtype(input, op);
   check_dropout_p(p);
   const MaskMode mode = dropout_mask_mode(mask_mode);
+  check_dropout_generator(generator, input, op);
   bump_version(input);
   at::Tensor rng_state = draw_rng_state(generator);
   const DropoutRngState rng = host_rng_state(rng_state);

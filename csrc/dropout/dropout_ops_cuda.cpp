@@ -94,6 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& in
                                                             std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout";
   check_input(input, p, op);
+  check_dropout_generator(generator, input, op);
+  check_is_cuda(input, "input", op);
+  dropout_mask_mode(mask_mode);  // before the generator advances: a refused call draws nothing
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor rng_state;
   const DropoutRngSource src = draw_source(input, generator, rng_state);
@@ -107,6 +110,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_inplace_cuda(at::Tensor& input, doubl
                                                         std::optional<at::Generator> generator) {
   const char* op = "fastreg.dropout_";
   check_input(input, p, op);              // first: a sparse input has no strides to look at
+  check_dropout_generator(generator, input, op);
+  check_is_cuda(input, "input", op);
   check_overwritable(input, op, kInplaceDifferentiableForm, "input");
   at::assert_no_internal_overlap(input);  // before the generator advances
   const MaskMode mode = dropout_mask_mode(mask_mode);

@@ -60,6 +60,7 @@ def _check_forward(input, p, mask_mode, op="fastreg.dropout"):
 @torch.library.register_fake("fastreg::dropout")
 def _dropout_fake(input, p, mask_mode, generator=None):
     _check_forward(input, p, mask_mode)
+    ref.check_generator(generator, input)
     dense = memory_dense(input)
     return torch.empty_like(dense), _fake_mask(dense, mask_mode), input.new_empty((2,), dtype=torch.int64)
 
@@ -68,6 +69,7 @@ def _dropout_fake(input, p, mask_mode, generator=None):
 def _dropout_inplace_fake(input, p, mask_mode, generator=None):
     _check_forward(input, p, mask_mode, "fastreg.dropout_")
     check_overwritable(input, "fastreg.dropout_", "input", ref.INPLACE_DIFFERENTIABLE_FORM)
+    ref.check_generator(generator, input, "fastreg.dropout_")
     return _fake_mask(memory_dense(input), mask_mode), input.new_empty((2,), dtype=torch.int64)
 
 

@@ -110,6 +110,14 @@ def check_input(x: torch.Tensor, op: str = "fastreg.dropout", name: str = "input
         )
 
 
+def check_generator(generator: torch.Generator | None, x: torch.Tensor, op: str = "fastreg.dropout") -> None:
+    if generator is not None and generator.device.type != x.device.type:
+        raise RuntimeError(
+            f"{op}: generator is on {generator.device} but input is on {x.device}; "
+            "pass a generator of the input's device"
+        )
+
+
 def check_rng_state(rng_state: torch.Tensor, like: torch.Tensor, op: str) -> None:
     """(seed, offset): two int64s, contiguous, on the input's device or the CPU (as the kernels read it)."""
     if not (
@@ -158,6 +166,7 @@ def dropout(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generato
     check_input(x)
     check_p(p)
     check_mode(mask_mode)
+    check_generator(generator, x)
     rng_state = draw_rng_state(x.device, generator)
     out, mask = dropout_seeded(x, p, rng_state, mask_mode)
     return out, mask, rng_state
@@ -167,6 +176,7 @@ def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generat
     """In place: x is overwritten with its dropout; returns (mask, rng_state)."""
     check_input(x, "fastreg.dropout_")  # a sparse input has no strides to look at
     check_overwritable(x, "fastreg.dropout_", "input", INPLACE_DIFFERENTIABLE_FORM)
+    check_generator(generator, x, "fastreg.dropout_")
     # Refuse before the generator advances, where ATen's overlap check would refuse the write.
     if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride())):
         raise RuntimeError(
