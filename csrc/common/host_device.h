@@ -6,3 +6,10 @@
 #else
 #define FASTREG_HOST_DEVICE inline
 #endif
+
+// `#pragma unroll` on the device; nothing on the host, where g++ would warn about it.
+#if defined(__CUDA_ARCH__)
+#define FASTREG_UNROLL _Pragma("unroll")
+#else
+#define FASTREG_UNROLL
+#endif

@@ -80,9 +80,7 @@ FASTREG_HOST_DEVICE void dropout_group(const DropoutArgs& args, DropoutRngState 
   } else if (Aligned && full) {
     const uint64_t bytes = load_word<uint64_t>(args.mask + e0);
     bits = 0;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+    FASTREG_UNROLL
     for (int j = 0; j < kDropoutGroup; ++j) bits |= static_cast<uint32_t>(((bytes >> (8 * j)) & 0xFFu) != 0) << j;
   } else {
     bits = 0;
@@ -94,9 +92,7 @@ FASTREG_HOST_DEVICE void dropout_group(const DropoutArgs& args, DropoutRngState 
   } else if (!Backward && args.mask_mode == MaskMode::Bool) {
     if (Aligned && full) {
       uint64_t bytes = 0;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+      FASTREG_UNROLL
       for (int j = 0; j < kDropoutGroup; ++j) bytes |= static_cast<uint64_t>((bits >> j) & 1u) << (8 * j);
       store_word(args.mask + e0, bytes);
     } else {
@@ -107,9 +103,7 @@ FASTREG_HOST_DEVICE void dropout_group(const DropoutArgs& args, DropoutRngState 
   if (Aligned && full) {
     const Group8<T> x = load_word<Group8<T>>(in + e0);
     Group8<T> y;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+    FASTREG_UNROLL
     for (int j = 0; j < kDropoutGroup; ++j) {
       y.v[j] = from_compute<T>(to_compute(x.v[j]) * (((bits >> j) & 1u) ? scale : A(0)));
     }

@@ -7,22 +7,7 @@
 #include <string>
 #include <vector>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include "../common/compute_type.h"
-
-namespace fastreg {
-// Host stand-ins for compute_type_cuda.cuh: exact widening, round-to-nearest-even narrowing.
-inline float to_compute(float x) { return x; }
-inline double to_compute(double x) { return x; }
-inline float to_compute(c10::Half x) { return static_cast<float>(x); }
-inline float to_compute(c10::BFloat16 x) { return static_cast<float>(x); }
-template <typename T>
-T from_compute(typename ComputeType<T>::type x) {
-  return static_cast<T>(x);
-}
-}  // namespace fastreg
+#include "host_device_support.h"  // before dropout_group.h: the host conversions
 
 #include "../dropout/dropout_group.h"
 #include "../dropout/dropout_kernels.h"
@@ -33,25 +18,10 @@ using namespace fastreg;
 namespace {
 
 constexpr DropoutRngState kRng{0x0123456789abcdefULL, 40};
-constexpr int kGuard = 32;  // bytes around every buffer that nothing may write
-constexpr uint8_t kFill = 0xA5;
 
 int64_t groups_of(int64_t n) { return (n + kDropoutGroup - 1) / kDropoutGroup; }
 
-// A byte buffer with guard bytes; `at(offset)` is `offset` bytes past a 64-byte aligned start.
-struct Buffer {
-  std::vector<uint8_t> bytes;
-  size_t size;
-  explicit Buffer(size_t size_) : bytes(size_ + 2 * kGuard + 128, kFill), size(size_) {}
-  uint8_t* at(size_t offset) {
-    const uintptr_t base = reinterpret_cast<uintptr_t>(bytes.data()) + kGuard;
-    return reinterpret_cast<uint8_t*>((base + 63) / 64 * 64 + offset);
-  }
-  // The data with the guard bytes on both sides (the same window whatever the allocation's address).
-  std::vector<uint8_t> window() {
-    return std::vector<uint8_t>(at(0) - kGuard, at(0) + size + 64 + kGuard);
-  }
-};
+using Buffer = fastreg_test::GuardedBuffer;
 
 // What the CUDA grid does, group by group (in reverse: the groups must be independent).
 template <typename T, bool Backward>
