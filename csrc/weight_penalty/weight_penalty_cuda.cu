@@ -19,13 +19,13 @@
 
 #include "../common/block_sum_cuda.cuh"
 #include "../common/compute_type_cuda.cuh"
+#include "weight_penalty_chunk.h"
 #include "weight_penalty_kernels.h"
 
 namespace fastreg {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;  // 16-byte packs per thread in flight: enough bytes in the air for HBM
+constexpr int kThreads = kPenaltyThreads;
 constexpr int kMaxTensors = 128;
 constexpr int kFinalThreads = 512;
 constexpr int64_t kMaxBlocksPerLaunch = int64_t{1} << 30;  // grid.x allows 2^31 - 1
@@ -40,140 +40,23 @@ struct LaunchTable {
   uint8_t dtype[kMaxTensors];
 };
 
-struct KernelScalars {
-  double l1, l2;
-  const void* grad_output;  // Backward: device scalar
-  DType grad_output_dtype;
-};
-
-static_assert(sizeof(LaunchTable) + sizeof(KernelScalars) + sizeof(double*) <= 4096,
+static_assert(sizeof(LaunchTable) + sizeof(PenaltyScalars) + sizeof(double*) <= 4096,
               "kernel arguments must fit the classic 4 KB limit");
 
-// Compute type: fp32 for fp32/fp16/bf16, fp64 for fp64 (conversions: compute_type_cuda.cuh).
-template <typename T>
-using Compute = ComputeType<T>;
-
-// Explicitly rounded arithmetic: no contraction into FMA, so gradients have autograd's bits.
-__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
-
-template <typename A>
-__device__ __forceinline__ A sign_of(A x) {
-  return static_cast<A>(x > A(0)) - static_cast<A>(x < A(0));  // 0 for +-0 and NaN, like torch.sign
-}
-
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
-};
-
-// Pack `index` of a chunk of `len` elements: one 16-byte access when whole and aligned, else
-// element by element (missing elements read as 0 and are never written).
-template <typename T>
-__device__ __forceinline__ void load_pack(const T* p, int64_t index, int64_t len, bool aligned, Pack<T>& pack) {
-  constexpr int V = Pack<T>::kSize;
-  const int64_t e = index * V;
-  if (aligned && e + V <= len) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p + e);  // one 128-bit load, whatever T is
-    memcpy(&pack, &raw, sizeof(raw));
-  } else {
-#pragma unroll
-    for (int k = 0; k < V; ++k) pack.v[k] = e + k < len ? p[e + k] : from_compute<T>(0);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pack(T* p, int64_t index, int64_t len, bool aligned, const Pack<T>& pack) {
-  constexpr int V = Pack<T>::kSize;
-  const int64_t e = index * V;
-  if (aligned && e + V <= len) {
-    uint4 raw;
-    memcpy(&raw, &pack, sizeof(raw));
-    *reinterpret_cast<uint4*>(p + e) = raw;
-  } else {
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if (e + k < len) p[e + k] = pack.v[k];
-    }
-  }
-}
-
-// One chunk: thread t handles packs t, t + kThreads, ... in increasing order, kUnroll at a time.
 template <typename T, PenaltyMode M>
-__device__ __forceinline__ void penalty_chunk(const T* __restrict__ w, T* __restrict__ g, int64_t len,
-                                              typename Compute<T>::type c1, typename Compute<T>::type c2x2, double& s1,
-                                              double& s2) {
-  using A = typename Compute<T>::type;
-  constexpr int V = Pack<T>::kSize;
-  const int64_t packs = (len + V - 1) / V;
-  const bool aligned = ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(g)) & 15) == 0;
-  for (int64_t base = threadIdx.x; base < packs; base += int64_t{kUnroll} * kThreads) {
-    Pack<T> wp[kUnroll], gp[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll independent requests in flight
-      const int64_t index = base + int64_t{u} * kThreads;
-      if (index < packs) {
-        load_pack(w, index, len, aligned, wp[u]);
-        if constexpr (M == PenaltyMode::Accumulate) load_pack(g, index, len, aligned, gp[u]);
-      }
-    }
-    A t1 = 0, t2 = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t index = base + int64_t{u} * kThreads;
-      if (index >= packs) continue;
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        if (index * V + k >= len) continue;
-        const A x = to_compute(wp[u].v[k]);
-        if constexpr (M != PenaltyMode::Backward) {
-          t1 = add(t1, x < A(0) ? -x : x);
-          t2 = add(t2, mul(x, x));
-        }
-        if constexpr (M != PenaltyMode::Value) {
-          const A step = add(mul(c1, sign_of(x)), mul(c2x2, x));
-          const A out = M == PenaltyMode::Accumulate ? add(to_compute(gp[u].v[k]), step) : step;
-          gp[u].v[k] = from_compute<T>(out);
-        }
-      }
-      if constexpr (M != PenaltyMode::Value) store_pack(g, index, len, aligned, gp[u]);
-    }
-    s1 += t1;  // short fp32 runs, then double: tiny rounding error at no bandwidth cost
-    s2 += t2;
-  }
-}
-
-template <typename A>
-__device__ __forceinline__ void coefficients(PenaltyMode mode, const KernelScalars& s, A& c1, A& c2x2) {
-  const A l1 = static_cast<A>(s.l1), l2 = static_cast<A>(s.l2);
-  if (mode == PenaltyMode::Backward) {
-    const A go = s.grad_output_dtype == DType::Float64 ? static_cast<A>(*static_cast<const double*>(s.grad_output))
-                                                       : static_cast<A>(*static_cast<const float*>(s.grad_output));
-    c1 = mul(go, l1);
-    c2x2 = mul(A(2), mul(go, l2));
-  } else {
-    c1 = l1;
-    c2x2 = mul(A(2), l2);
-  }
-}
-
-template <typename T, PenaltyMode M>
-__device__ __forceinline__ void run_chunk(const LaunchTable& table, const KernelScalars& scalars, int t, int64_t begin,
+__device__ __forceinline__ void run_chunk(const LaunchTable& table, const PenaltyScalars& scalars, int t, int64_t begin,
                                           int64_t len, double& s1, double& s2) {
-  using A = typename Compute<T>::type;
+  using A = typename ComputeType<T>::type;
   A c1, c2x2;
-  coefficients<A>(M, scalars, c1, c2x2);
+  penalty_coefficients<A>(M, scalars, c1, c2x2);
   const T* w = static_cast<const T*>(table.param[t]) + begin;
   T* g = table.grad[t] == nullptr ? nullptr : static_cast<T*>(table.grad[t]) + begin;
-  penalty_chunk<T, M>(w, g, len, c1, c2x2, s1, s2);
+  penalty_chunk<T, M>(w, g, len, c1, c2x2, s1, s2, threadIdx.x);
 }
 
 template <PenaltyMode M>
 __global__ void __launch_bounds__(kThreads, 4)
-    penalty_kernel(const __grid_constant__ LaunchTable table, const __grid_constant__ KernelScalars scalars,
+    penalty_kernel(const __grid_constant__ LaunchTable table, const __grid_constant__ PenaltyScalars scalars,
                    double* __restrict__ partials) {
   // The tensor of this block: the last t with first_block[t] <= blockIdx.x (uniform per block).
   const int block = static_cast<int>(blockIdx.x);
@@ -229,7 +112,7 @@ __global__ void __launch_bounds__(kFinalThreads)
 
 int64_t chunks_of(int64_t numel) { return (numel + kPenaltyChunkCuda - 1) / kPenaltyChunkCuda; }
 
-void launch(const LaunchTable& table, const KernelScalars& scalars, PenaltyMode mode, double* partials, int blocks,
+void launch(const LaunchTable& table, const PenaltyScalars& scalars, PenaltyMode mode, double* partials, int blocks,
             cudaStream_t stream) {
   switch (mode) {
     case PenaltyMode::Value:
@@ -255,7 +138,6 @@ int64_t weight_penalty_cuda_blocks(const PenaltyTensor* tensors, int64_t count) 
 const char* weight_penalty_cuda(const PenaltyTensor* tensors, int64_t count, PenaltyMode mode, const PenaltyScalars& scalars,
                                 double* partials, void* value_out, DType value_dtype, void* stream) {
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const KernelScalars kernel_scalars{scalars.l1, scalars.l2, scalars.grad_output, scalars.grad_output_dtype};
   LaunchTable table{};
   int64_t blocks_in_table = 0;
   int64_t partial_base = 0;
@@ -263,7 +145,7 @@ const char* weight_penalty_cuda(const PenaltyTensor* tensors, int64_t count, Pen
     if (table.count == 0) return;
     table.first_block[table.count] = static_cast<int32_t>(blocks_in_table);
     table.partial_base = partial_base;
-    launch(table, kernel_scalars, mode, partials, static_cast<int>(blocks_in_table), cuda_stream);
+    launch(table, scalars, mode, partials, static_cast<int>(blocks_in_table), cuda_stream);
     partial_base += blocks_in_table;
     blocks_in_table = 0;
     table.count = 0;
