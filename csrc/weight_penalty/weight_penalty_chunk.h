@@ -14,42 +14,13 @@
 
 #include "../common/compute_type.h"
 #include "../common/host_device.h"
+#include "../common/rounded_math.h"  // mul_rn, add_rn: no FMA, so gradients have autograd's bits
 #include "weight_penalty_kernels.h"
 
 namespace fastreg {
 
 constexpr int kPenaltyThreads = 256;  // threads per block, one block per chunk
 constexpr int kPenaltyUnroll = 4;     // 16-byte packs per thread in flight: enough bytes in the air for HBM
-
-// Explicitly rounded arithmetic: no contraction into FMA, so gradients have autograd's bits.
-FASTREG_HOST_DEVICE float penalty_mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FASTREG_HOST_DEVICE double penalty_mul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FASTREG_HOST_DEVICE float penalty_add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FASTREG_HOST_DEVICE double penalty_add(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
 template <typename A>
 FASTREG_HOST_DEVICE A penalty_sign(A x) {
@@ -65,11 +36,11 @@ FASTREG_HOST_DEVICE void penalty_coefficients(PenaltyMode mode, const PenaltySca
   if (mode == PenaltyMode::Backward) {
     const A go = s.grad_output_dtype == DType::Float64 ? static_cast<A>(*static_cast<const double*>(s.grad_output))
                                                        : static_cast<A>(*static_cast<const float*>(s.grad_output));
-    c1 = penalty_mul(go, l1);
-    c2x2 = penalty_mul(A(2), penalty_mul(go, l2));
+    c1 = mul_rn(go, l1);
+    c2x2 = mul_rn(A(2), mul_rn(go, l2));
   } else {
     c1 = l1;
-    c2x2 = penalty_mul(A(2), l2);
+    c2x2 = mul_rn(A(2), l2);
   }
 }
 
@@ -149,12 +120,12 @@ FASTREG_HOST_DEVICE void penalty_chunk(const T* __restrict__ w, T* __restrict__ 
         if (index * V + k >= len) continue;
         const A x = to_compute(wp[u].v[k]);
         if constexpr (M != PenaltyMode::Backward) {
-          t1 = penalty_add(t1, x < A(0) ? -x : x);
-          t2 = penalty_add(t2, penalty_mul(x, x));
+          t1 = add_rn(t1, x < A(0) ? -x : x);
+          t2 = add_rn(t2, mul_rn(x, x));
         }
         if constexpr (M != PenaltyMode::Value) {
-          const A step = penalty_add(penalty_mul(c1, penalty_sign(x)), penalty_mul(c2x2, x));
-          const A out = M == PenaltyMode::Accumulate ? penalty_add(to_compute(gp[u].v[k]), step) : step;
+          const A step = add_rn(mul_rn(c1, penalty_sign(x)), mul_rn(c2x2, x));
+          const A out = M == PenaltyMode::Accumulate ? add_rn(to_compute(gp[u].v[k]), step) : step;
           gp[u].v[k] = from_compute<T>(out);
         }
       }
