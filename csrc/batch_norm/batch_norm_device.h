@@ -16,6 +16,9 @@ namespace bn_cuda {
 
 constexpr int kThreads = 256;  // every batch-norm kernel runs blocks of 256 threads
 constexpr int kWarps = kThreads / 32;
+constexpr int kMaxTileThreads = 32;          // channels-last: threads along C per block
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 using Acc = typename ComputeType<T>::type;

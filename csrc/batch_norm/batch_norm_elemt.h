@@ -26,9 +26,6 @@ namespace bn_cuda {
 
 constexpr int kUnroll = 4;                      // packs per thread and tensor in flight
 constexpr int64_t kClBlockElements = 32768;     // channels-last: elements of one tensor per block
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridY = 65535;
-constexpr int kMaxTileThreads = 32;
 
 enum class Mode { Forward, BackwardTrain, BackwardEval };
 
