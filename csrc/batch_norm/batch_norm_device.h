@@ -1,6 +1,6 @@
 // Helpers of the CUDA batch-norm kernels that are plain C++ too (host+device, no CUDA headers):
 // launch arithmetic, 16-byte packs, a fast divider. batch_norm_cuda.cuh brings them to the
-// kernels; csrc/tests/ runs the element-wise kernels' per-thread code on the host with them.
+// kernels; csrc/tests/ runs the kernels' per-thread code on the host with them.
 #pragma once
 
 #include <cstdint>
