@@ -19,17 +19,14 @@
 #include <c10/util/Half.h>
 
 #include "../common/compute_type.h"
+// No fused multiply-adds: the element-wise results are those of the reference
+// (fastreg/reference/batch_norm.py), bit for bit, given the statistics.
+#include "../common/no_fp_contract.h"
 
-// No fused multiply-adds: GCC contracts a * b + c by default, and only on the clones whose ISA
-// has FMA, so results would depend on the machine; without them the element-wise results are
-// those of the reference (fastreg/reference/batch_norm.py), bit for bit, given the statistics.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
 // Vector-typed helpers are only ever inlined into the per-ISA entry points; GCC's note about
 // their out-of-line ABI does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
-#elif defined(__clang__)
-#pragma clang fp contract(off)
 #endif
 
 namespace fastreg {

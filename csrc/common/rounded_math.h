@@ -1,7 +1,7 @@
 // Explicitly rounded float/double arithmetic for host+device code: one IEEE rounding per
 // operation, never contracted into a fused multiply-add, so kernels and the reference (which
 // rounds every product and sum) agree bit for bit. On the device these are the _rn intrinsics;
-// a host build must turn contraction off (GCC contracts a * b + c by default where the ISA has FMA).
+// a host build must turn contraction off (no_fp_contract.h): GCC contracts a * b + c by default.
 #pragma once
 
 #include <cmath>

@@ -12,12 +12,7 @@
 #include "../batch_norm/batch_norm_kernels.h"
 #include "check.h"
 
-// The kernels evaluate a * b + c without fused multiply-adds; so must the expected values.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+#include "../common/no_fp_contract.h"  // the kernels do not fuse; neither may the expected values
 
 using namespace fastreg;
 

@@ -6,12 +6,7 @@
 // and row blocks), with and without weight and bias, aligned or not. The statistics kernels
 // (shared memory, shuffles) and the device conversions are left to the GPU tests.
 
-// As in the CPU kernels: no fused multiply-adds, which the device's rounded intrinsics never make.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+#include "../common/no_fp_contract.h"  // as in the CPU kernels: the device never fuses either
 
 #include <cstring>
 #include <string>

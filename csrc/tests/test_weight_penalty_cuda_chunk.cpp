@@ -4,12 +4,7 @@
 // and mode, chunk lengths with tails, and parameters and gradients aligned or not.
 // The block reduction, the launch table and the final sum are left to the GPU tests.
 
-// As in the CPU kernel: no fused multiply-adds, which the device's rounded intrinsics never make.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+#include "../common/no_fp_contract.h"  // as in the CPU kernel: the device never fuses either
 
 #include <cmath>
 #include <cstring>

@@ -11,13 +11,7 @@
 #include "../common/compute_type.h"
 #include "weight_penalty_kernels.h"
 
-// No fused multiply-adds: GCC contracts a * b + c by default, and only on the clones whose ISA
-// has FMA, so results (and their match with autograd's bits) would depend on the machine.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+#include "../common/no_fp_contract.h"  // gradients with autograd's bits on every machine
 
 namespace fastreg {
 namespace {
