@@ -1,13 +1,11 @@
 // CPU batch norm: the walks' block functions compiled once per ISA (AVX-512, AVX2+F16C,
-// baseline) into `flatten` entry points, and the choice among them at run time.
+// baseline) into `flatten` entry points, and the choice among them at run time (cpu_isa.h).
 // Private to batch_norm_cpu.cpp, its only includer: internal linkage on purpose, so that
 // the per-ISA clones of everything here stay inside that one translation unit.
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
-
 #include "../common/compute_type.h"
+#include "../common/cpu_isa.h"
 #include "batch_norm_cpu_order_walk.h"
 #include "batch_norm_cpu_row_walk.h"
 
@@ -87,34 +85,12 @@ FASTREG_BN_ENTRIES(isa_avx2, IsaAvx2, __attribute__((target("arch=x86-64-v3"), f
 FASTREG_BN_ENTRIES(isa_avx512, IsaAvx512, __attribute__((target("arch=x86-64-v4"), flatten)))
 #endif
 
-// The widest ISA this CPU runs; FASTREG_BN_CPU_ISA=avx2|base caps it (to test the other
-// builds on an AVX-512 machine).
-enum class Isa { Base, Avx2, Avx512 };
-
-inline Isa chosen_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::Base;
-#if defined(FASTREG_BN_X86)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = Isa::Avx2;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq")) {
-      best = Isa::Avx512;
-    }
-#endif
-    const char* cap = std::getenv("FASTREG_BN_CPU_ISA");
-    if (cap != nullptr && std::strcmp(cap, "base") == 0) best = Isa::Base;
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::Avx512) best = Isa::Avx2;
-    return best;
-  }();
-  return isa;
-}
-
 template <typename T>
 const Kernels<T>& kernels() {
   static const Kernels<T> chosen = [] {
 #if defined(FASTREG_BN_X86)
-    if (chosen_isa() == Isa::Avx512) return isa_avx512::kernels<T>();
-    if (chosen_isa() == Isa::Avx2) return isa_avx2::kernels<T>();
+    if (cpu_isa() == CpuIsa::Avx512) return isa_avx512::kernels<T>();
+    if (cpu_isa() == CpuIsa::Avx2) return isa_avx2::kernels<T>();
 #endif
     return isa_base::kernels<T>();
   }();
