@@ -12,9 +12,12 @@
 
 #include "../common/compute_type.h"
 #include "../common/cpu_cache.h"
+#include "../common/cpu_isa.h"
+#include "dropout_cpu_avx512.h"
 #include "dropout_kernels.h"
 
-// Functions cloned per ISA (AVX-512, AVX2, baseline), the best picked at load time.
+// Functions cloned per ISA (AVX-512, AVX2, baseline), the best picked at load time; the
+// hand-written AVX-512 steps are in dropout_cpu_avx512.cpp, chosen by cpu_isa().
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTREG_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -24,7 +27,7 @@
 namespace fastreg {
 namespace {
 
-constexpr int kBlockGroups = 64;  // Philox calls computed side by side, in SIMD lanes
+constexpr int kBlockGroups = kDropoutCpuBlockGroups;  // Philox calls computed side by side, in SIMD lanes
 
 // Keep bits of groups [group0, group0 + kBlockGroups): the scalar philox4x32_10 rewritten
 // structure-of-arrays so that each round is one vector loop. Cloned per ISA, picked at load.
@@ -62,84 +65,12 @@ FASTREG_ISA_CLONES void keep_bits_block(DropoutRngState rng, uint64_t group0, ui
   }
 }
 
+void keep_bits(DropoutRngState rng, uint64_t group0, uint32_t threshold, uint8_t* out) {
 #if defined(__x86_64__) && defined(__GNUC__)
-// The same block with AVX-512 intrinsics, 16 groups per register. GCC vectorises the generic
-// loop through 64-bit products (widen, multiply, narrow); here each 32x32->64 multiply is two
-// vpmuludq on even and odd lanes with the halves blended back: about half the instructions.
-__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  constexpr __mmask16 kOddLanes = 0xAAAA;
-  const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0,2,..: 64-bit products
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1,3,..
-  hi = _mm512_mask_blend_epi32(kOddLanes, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(kOddLanes, even, _mm512_slli_epi64(odd, 32));
-}
-
-// All four vectors of a block go through each round together: one round is a chain of
-// dependent multiplies, shifts and xors (latency-bound alone), and four independent chains
-// keep the vector units busy.
-__attribute__((target("avx512f"))) void keep_bits_block_avx512(DropoutRngState rng, uint64_t group0,
-                                                                uint32_t threshold, uint8_t* out) {
-  using namespace philox_detail;
-  constexpr int kLanes = 16;
-  constexpr int kVectors = kBlockGroups / kLanes;
-  const __m512i mul0 = _mm512_set1_epi32(static_cast<int>(kMul0));
-  const __m512i mul1 = _mm512_set1_epi32(static_cast<int>(kMul1));
-  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
-  for (int v = 0; v < kVectors; ++v) {
-    const uint64_t first = group0 + static_cast<uint64_t>(v) * kLanes;
-    const __m512i first_low = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
-    // Lanes whose low word wrapped past 2^32 carry into the high word.
-    c0[v] = _mm512_add_epi32(first_low, lane_index);
-    const __m512i carry = _mm512_maskz_set1_epi32(_mm512_cmplt_epu32_mask(c0[v], first_low), 1);
-    c1[v] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32))), carry);
-    c2[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
-    c3[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
-  }
-  uint32_t key0 = dropout_key0(rng.seed), key1 = dropout_key1(rng.seed);
-  for (int round = 0; round < 10; ++round) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int>(key0));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int>(key1));
-    for (int v = 0; v < kVectors; ++v) {
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(c0[v], mul0, hi0, lo0);
-      mulhilo16(c2[v], mul1, hi1, lo1);
-      c0[v] = _mm512_ternarylogic_epi32(hi1, c1[v], k0, 0x96);  // three-way xor
-      c2[v] = _mm512_ternarylogic_epi32(hi0, c3[v], k1, 0x96);
-      c1[v] = lo1;
-      c3[v] = lo0;
-    }
-    key0 += kWeyl0;
-    key1 += kWeyl1;
-  }
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
-  const __m512i limit = _mm512_set1_epi32(static_cast<int>(threshold));
-  for (int v = 0; v < kVectors; ++v) {
-    const __m512i words[4] = {c0[v], c1[v], c2[v], c3[v]};
-    __m512i bits = _mm512_setzero_si512();
-    for (int w = 0; w < 4; ++w) {
-      const __mmask16 keep_low = _mm512_cmplt_epu32_mask(_mm512_and_si512(words[w], low16), limit);
-      const __mmask16 keep_high = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(words[w], 16), limit);
-      bits = _mm512_mask_or_epi32(bits, keep_low, bits, _mm512_set1_epi32(1 << (2 * w)));
-      bits = _mm512_mask_or_epi32(bits, keep_high, bits, _mm512_set1_epi32(1 << (2 * w + 1)));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + v * kLanes), _mm512_cvtepi32_epi8(bits));
-  }
-}
-
-void keep_bits(DropoutRngState rng, uint64_t group0, uint32_t threshold, uint8_t* out) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) {
-    keep_bits_block_avx512(rng, group0, threshold, out);
-  } else {
-    keep_bits_block(rng, group0, threshold, out);
-  }
-}
-#else
-void keep_bits(DropoutRngState rng, uint64_t group0, uint32_t threshold, uint8_t* out) {
+  if (cpu_isa() == CpuIsa::Avx512) return dropout_keep_bits_avx512(rng, group0, threshold, out);
+#endif
   keep_bits_block(rng, group0, threshold, out);
 }
-#endif
 
 template <typename T>
 using Compute = ComputeType<T>;
@@ -266,8 +197,7 @@ __attribute__((target("avx2"))) void apply_bf16_groups_avx2(const uint16_t* in, 
 
 void apply_bf16_groups(const uint16_t* in, uint16_t* out, const uint8_t* bits, int64_t groups,
                        const float (*rows)[kDropoutGroup]) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
+  if (cpu_isa() >= CpuIsa::Avx2) {
     apply_bf16_groups_avx2(in, out, bits, groups, rows);
   } else {
     apply_bf16_groups_generic(in, out, bits, groups, rows);
@@ -288,10 +218,7 @@ __attribute__((target("avx2,f16c"))) void apply_fp16_groups_f16c(const uint16_t*
 }
 
 // Whether apply_fp16_groups can run here; else the portable loop of apply_groups does.
-bool has_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return yes;
-}
+bool has_f16c() { return cpu_isa() >= CpuIsa::Avx2; }
 #else
 void apply_bf16_groups(const uint16_t* in, uint16_t* out, const uint8_t* bits, int64_t groups,
                        const float (*rows)[kDropoutGroup]) {
@@ -313,6 +240,11 @@ void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute
   // the cache together (csrc/common/cpu_cache.h).
   const bool streaming = (reinterpret_cast<uintptr_t>(out) & 15u) == 0 &&
                          bypass_cache_for(2 * args.n * static_cast<int64_t>(sizeof(T)));
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa() == CpuIsa::Avx512) {  // the whole range, partial last group included
+    return dropout_apply_avx512(in, out, bits, e1 - e0, keep_scale<T>(args), streaming);
+  }
+#endif
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     apply_bf16_groups(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out), bits, full_groups,
                       table.row);

@@ -5,6 +5,8 @@
 
 #include <c10/util/Half.h>
 
+#include "../common/cpu_isa.h"
+#include "../dropout/dropout_cpu_avx512.h"
 #include "../dropout/dropout_kernels.h"
 #include "check.h"
 
@@ -87,6 +89,30 @@ FASTREG_TEST(dropout_cpu_all_mask_modes_double) {
   for (MaskMode mode : {MaskMode::Regenerate, MaskMode::Bits, MaskMode::Bool}) {
     check_round_trip<double>(523, 0.5, mode, DType::Float64);
   }
+}
+
+// The AVX-512 block keeps each group's 64-bit counter in one lane: groups whose low word wraps
+// past 2^32 inside a block, the last groups of the 64-bit range, offsets and seeds with high
+// bits set, and every edge of the 16-bit threshold compare must give the spec's bits.
+FASTREG_TEST(dropout_cpu_keep_bits_blocks_match_the_spec) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa() != CpuIsa::Avx512) return;  // else the kernel runs the spec's own loop
+  const uint64_t wrap = uint64_t{1} << 32;
+  const uint64_t firsts[] = {0, 1, 64 * 7 + 3, wrap - 40, wrap - 64, wrap, 5 * wrap - 1, ~uint64_t{0} - 63};
+  const uint32_t thresholds[] = {0, 1, 2, 32768, 45875, 65535, 65536};
+  const DropoutRngState states[] = {kRng, {~uint64_t{0}, ~uint64_t{0} - 1}, {0, wrap + 7}};
+  int64_t wrong = 0;
+  for (const DropoutRngState& rng : states) {
+    for (const uint64_t first : firsts) {
+      for (const uint32_t threshold : thresholds) {
+        uint8_t bits[kDropoutCpuBlockGroups];
+        dropout_keep_bits_avx512(rng, first, threshold, bits);
+        for (int k = 0; k < kDropoutCpuBlockGroups; ++k) wrong += bits[k] != dropout_keep_bits(rng, first + k, threshold);
+      }
+    }
+  }
+  FASTREG_CHECK_EQ(wrong, int64_t{0});
+#endif
 }
 
 FASTREG_TEST(dropout_cpu_p_zero_is_identity_and_p_one_zeroes) {

@@ -1,0 +1,193 @@
+// AVX-512 forms of the CPU dropout kernel's two steps (dropout_cpu_avx512.h). Each function
+// carries its own target attribute: the file builds with the baseline flags, and
+// dropout_cpu.cpp calls it only where cpu_isa() found AVX-512.
+#include "dropout_cpu_avx512.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "../common/philox.h"
+
+#define FASTREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")))
+
+namespace fastreg {
+
+// ---- keep bits ----------------------------------------------------------------------------
+// One group per 64-bit lane, 8 per register. vpmuludq multiplies the low halves of 64-bit
+// lanes into full 64-bit products, so with each counter word in the low half of its lane a
+// Philox round is two multiplies, two shifts (the high halves) and two three-way xors per
+// 8 groups. Packing 16 groups into 32-bit lanes instead needs a multiply for the even and one
+// for the odd lanes plus shifts and blends to put the halves back: a third more instructions,
+// on a step that limits the kernel below the memory bound. The upper halves of the lanes
+// collect bits that nothing reads (multiplies ignore them, the compares mask them out).
+
+constexpr int kGroupsPerRegister = 8;
+constexpr int kPhiloxChains = 4;  // registers per word advanced together: independent dependency chains
+static_assert(kDropoutCpuBlockGroups % (kGroupsPerRegister * kPhiloxChains) == 0, "whole register sets per block");
+
+FASTREG_AVX512 void dropout_keep_bits_avx512(DropoutRngState rng, uint64_t group0, uint32_t threshold, uint8_t* out) {
+  using namespace philox_detail;
+  if (threshold == 0) {  // p = 1: nothing kept (the 16-bit compares below need threshold >= 1)
+    std::memset(out, 0, kDropoutCpuBlockGroups);
+    return;
+  }
+  const __m512i mul0 = _mm512_set1_epi64(kMul0);
+  const __m512i mul1 = _mm512_set1_epi64(kMul1);
+  const __m512i lane_index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  // lane < threshold <=> lane <= threshold - 1, which fits 16 bits for threshold in [1, 65536].
+  const __m512i last_kept = _mm512_set1_epi16(static_cast<short>(threshold - 1));
+  // Of the four 16-bit lanes in a 64-bit lane, the low two are the word's two decisions.
+  constexpr __mmask32 kDecisionLanes = 0x33333333u;
+  for (int first = 0; first < kDropoutCpuBlockGroups; first += kGroupsPerRegister * kPhiloxChains) {
+    __m512i c0[kPhiloxChains], c1[kPhiloxChains], c2[kPhiloxChains], c3[kPhiloxChains];
+    for (int v = 0; v < kPhiloxChains; ++v) {
+      const uint64_t base = group0 + static_cast<uint64_t>(first + v * kGroupsPerRegister);
+      const __m512i group = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(base)), lane_index);
+      c0[v] = group;
+      c1[v] = _mm512_srli_epi64(group, 32);
+      c2[v] = _mm512_set1_epi64(static_cast<uint32_t>(rng.offset));
+      c3[v] = _mm512_set1_epi64(static_cast<uint32_t>(rng.offset >> 32));
+    }
+    uint32_t key0 = dropout_key0(rng.seed), key1 = dropout_key1(rng.seed);
+    for (int round = 0; round < 10; ++round) {
+      const __m512i k0 = _mm512_set1_epi64(key0);
+      const __m512i k1 = _mm512_set1_epi64(key1);
+      for (int v = 0; v < kPhiloxChains; ++v) {
+        const __m512i p0 = _mm512_mul_epu32(c0[v], mul0);
+        const __m512i p1 = _mm512_mul_epu32(c2[v], mul1);
+        c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[v], k0, 0x96);  // three-way xor
+        c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[v], k1, 0x96);
+        c1[v] = p1;
+        c3[v] = p0;
+      }
+      key0 += kWeyl0;
+      key1 += kWeyl1;
+    }
+    for (int v = 0; v < kPhiloxChains; ++v) {
+      // Compare-mask bit 4k + h is half h of the word in group k. Two words share a 32-bit
+      // mask, one shifted by two bits, so group k owns nibble k, which pdep moves to byte k.
+      const uint64_t words01 = static_cast<uint64_t>(_mm512_mask_cmple_epu16_mask(kDecisionLanes, c0[v], last_kept)) |
+                               static_cast<uint64_t>(_mm512_mask_cmple_epu16_mask(kDecisionLanes, c1[v], last_kept))
+                                   << 2;
+      const uint64_t words23 = static_cast<uint64_t>(_mm512_mask_cmple_epu16_mask(kDecisionLanes, c2[v], last_kept)) |
+                               static_cast<uint64_t>(_mm512_mask_cmple_epu16_mask(kDecisionLanes, c3[v], last_kept))
+                                   << 2;
+      const uint64_t bytes = _pdep_u64(words01, 0x0F0F0F0F0F0F0F0FULL) | _pdep_u64(words23, 0xF0F0F0F0F0F0F0F0ULL);
+      std::memcpy(out + first + v * kGroupsPerRegister, &bytes, sizeof(bytes));
+    }
+  }
+}
+
+// ---- apply --------------------------------------------------------------------------------
+// Sixteen elements (two groups) per register: their 16 keep bits select the scale or 0 as the
+// multiplier (x * 0, not a select, so that a dropped NaN or inf gives NaN, as in torch). The
+// portable loop instead looks up a row of eight multipliers per group. A partial last
+// register is a masked load and store.
+
+namespace {
+
+inline uint32_t keep_bits_at(const uint8_t* bits, int64_t e, int64_t valid) {  // of elements e, e + 1, ...
+  const uint32_t low = bits[e / 8];
+  return valid > 8 ? low | static_cast<uint32_t>(bits[e / 8 + 1]) << 8 : low;
+}
+
+inline __mmask16 first_lanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
+
+FASTREG_AVX512 inline __m512 widen(const c10::Half*, __m256i raw) { return _mm512_cvtph_ps(raw); }
+FASTREG_AVX512 inline __m512 widen(const c10::BFloat16*, __m256i raw) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+FASTREG_AVX512 inline __m256i narrow(c10::Half*, __m512 y) {
+  return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // IEEE nearest-even, as c10::Half
+}
+// Nearest-even with NaN -> 0x7FC0: c10::BFloat16's bits. (vcvtneps2bf16 would flush
+// subnormals to zero and keep NaN signs, so the rounding is spelled out.)
+FASTREG_AVX512 inline __m256i narrow(c10::BFloat16*, __m512 y) {
+  const __m512i b = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+}
+
+// No non-temporal stores: 16-bit dropout is bound by its random numbers, not by memory
+// (16M bf16 elements: 3.24-3.29 ms with or without them), and a normal store leaves the output
+// in cache for the next layer.
+template <typename T>
+FASTREG_AVX512 void apply_16bit(const T* in, T* out, const uint8_t* bits, int64_t count, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t e = 0;
+  for (; e + 16 <= count; e += 16) {
+    uint16_t keep;
+    std::memcpy(&keep, bits + e / 8, sizeof(keep));
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + e));
+    const __m256i y = narrow(out, _mm512_mul_ps(widen(in, raw), _mm512_maskz_mov_ps(keep, s)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e), y);
+  }
+  if (e < count) {
+    const __mmask16 valid = first_lanes(count - e);
+    const __m256i raw = _mm256_maskz_loadu_epi16(valid, in + e);
+    const __mmask16 keep = static_cast<__mmask16>(keep_bits_at(bits, e, count - e));
+    _mm256_mask_storeu_epi16(out + e, valid, narrow(out, _mm512_mul_ps(widen(in, raw), _mm512_maskz_mov_ps(keep, s))));
+  }
+}
+
+}  // namespace
+
+FASTREG_AVX512 void dropout_apply_avx512(const float* in, float* out, const uint8_t* bits, int64_t count, float scale,
+                                         bool stream) {
+  const __m512 s = _mm512_set1_ps(scale);
+  stream = stream && (reinterpret_cast<uintptr_t>(out) & 63u) == 0;
+  int64_t e = 0;
+  for (; e + 16 <= count; e += 16) {
+    uint16_t keep;
+    std::memcpy(&keep, bits + e / 8, sizeof(keep));
+    const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(in + e), _mm512_maskz_mov_ps(keep, s));
+    if (stream) {
+      _mm512_stream_ps(out + e, y);
+    } else {
+      _mm512_storeu_ps(out + e, y);
+    }
+  }
+  if (e < count) {
+    const __mmask16 valid = first_lanes(count - e);
+    const __mmask16 keep = static_cast<__mmask16>(keep_bits_at(bits, e, count - e));
+    _mm512_mask_storeu_ps(out + e, valid, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, in + e), _mm512_maskz_mov_ps(keep, s)));
+  }
+}
+
+FASTREG_AVX512 void dropout_apply_avx512(const double* in, double* out, const uint8_t* bits, int64_t count, double scale,
+                                         bool stream) {
+  const __m512d s = _mm512_set1_pd(scale);
+  stream = stream && (reinterpret_cast<uintptr_t>(out) & 63u) == 0;
+  int64_t e = 0;
+  for (; e + 8 <= count; e += 8) {  // one group per register
+    const __m512d y = _mm512_mul_pd(_mm512_loadu_pd(in + e), _mm512_maskz_mov_pd(bits[e / 8], s));
+    if (stream) {
+      _mm512_stream_pd(out + e, y);
+    } else {
+      _mm512_storeu_pd(out + e, y);
+    }
+  }
+  if (e < count) {
+    const __mmask8 valid = static_cast<__mmask8>(first_lanes(count - e));
+    _mm512_mask_storeu_pd(out + e, valid, _mm512_mul_pd(_mm512_maskz_loadu_pd(valid, in + e), _mm512_maskz_mov_pd(bits[e / 8], s)));
+  }
+}
+
+void dropout_apply_avx512(const c10::Half* in, c10::Half* out, const uint8_t* bits, int64_t count, float scale,
+                          bool /*stream*/) {
+  apply_16bit(in, out, bits, count, scale);
+}
+
+void dropout_apply_avx512(const c10::BFloat16* in, c10::BFloat16* out, const uint8_t* bits, int64_t count, float scale,
+                          bool /*stream*/) {
+  apply_16bit(in, out, bits, count, scale);
+}
+
+}  // namespace fastreg
+#endif
