@@ -83,12 +83,17 @@ FASTREG_BN_ENTRIES(isa_base, IsaBase, __attribute__((flatten)))
 #if defined(FASTREG_BN_X86)
 FASTREG_BN_ENTRIES(isa_avx2, IsaAvx2, __attribute__((target("arch=x86-64-v3"), flatten)))
 FASTREG_BN_ENTRIES(isa_avx512, IsaAvx512, __attribute__((target("arch=x86-64-v4"), flatten)))
+// Instantiated for bfloat16 only (kernels() below asks for nothing else).
+FASTREG_BN_ENTRIES(isa_avx512bf16, IsaAvx512Bf16, __attribute__((target("arch=x86-64-v4,avx512bf16"), flatten)))
 #endif
 
 template <typename T>
 const Kernels<T>& kernels() {
   static const Kernels<T> chosen = [] {
 #if defined(FASTREG_BN_X86)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (cpu_has_avx512_bf16()) return isa_avx512bf16::kernels<T>();
+    }
     if (cpu_isa() == CpuIsa::Avx512) return isa_avx512::kernels<T>();
     if (cpu_isa() == CpuIsa::Avx2) return isa_avx2::kernels<T>();
 #endif

@@ -1,8 +1,8 @@
 // The widest x86 instruction set the CPU kernels use, chosen once per process.
 //
 // Kernels with hand-written vector code (batch norm, dropout) keep one version per level and
-// call the one this returns. FASTREG_CPU_ISA=avx2|base caps the choice, so that the C++ tests
-// run the narrower versions on a machine that has the wider ones (CMakeLists.txt).
+// call the one this returns. FASTREG_CPU_ISA=avx512|avx2|base caps the choice, so that the C++
+// tests run the narrower versions on a machine that has the wider ones (CMakeLists.txt).
 #pragma once
 
 #include <cstdlib>
@@ -35,6 +35,21 @@ inline CpuIsa cpu_isa() {
     return best;
   }();
   return isa;
+}
+
+// AVX512_BF16 (vcvtneps2bf16, float -> bfloat16 in one instruction) on top of the Avx512
+// level; FASTREG_CPU_ISA=avx512 (or any lower cap) leaves it out.
+inline bool cpu_has_avx512_bf16() {
+  static const bool yes = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char* cap = std::getenv("FASTREG_CPU_ISA");
+    return cpu_isa() == CpuIsa::Avx512 && __builtin_cpu_supports("avx512bf16") &&
+           !(cap != nullptr && std::strcmp(cap, "avx512") == 0);
+#else
+    return false;
+#endif
+  }();
+  return yes;
 }
 
 }  // namespace fastreg

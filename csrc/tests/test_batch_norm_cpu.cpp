@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../batch_norm/batch_norm_kernels.h"
@@ -204,6 +205,49 @@ FASTREG_TEST(batch_norm_cpu_backward_double) {
 
 FASTREG_TEST(batch_norm_cpu_backward_bfloat16) {
   for (const BatchNormLayout& l : kLayouts) check_backward<c10::BFloat16>(l, 1e-6, 1e-6);
+}
+
+// bfloat16 outputs are rounded to nearest even with NaN -> 0x7FC0, as c10::BFloat16(float),
+// whatever instructions round them: here NaNs of both signs, infinities, the largest values
+// (which overflow once scaled), ties, and products that are float32 subnormals sit among
+// ordinary values, so some vectors hold specials and some hold none.
+FASTREG_TEST(batch_norm_cpu_bfloat16_rounds_special_values) {
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                            -std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            3.3895314e38f,  // the largest bfloat16
+                            1e-38f,
+                            -3e-39f,
+                            1.0078125f,  // 1 + 2^-7: one bfloat16 step above 1
+                            0.0f,
+                            -0.0f};
+  const BatchNormLayout layouts[] = {{3, 2, 1000}, {1000, 2, 1}};
+  for (const BatchNormLayout& l : layouts) {
+    std::vector<c10::BFloat16> x = values<c10::BFloat16>(l.numel(), 5);
+    for (int64_t e = 0; e < l.numel(); e += 97) x[e] = c10::BFloat16(specials[(e / 97) % 10]);
+    for (int64_t e = 500; e < 540; ++e) x[e] = c10::BFloat16(specials[e % 10]);  // runs of specials
+    // Channel 0 halves values (1 + 2^-7 becomes a tie between two bfloat16) and makes 1e-38 a
+    // float32 subnormal; channel 1 scales by a value with a long significand.
+    const float mean[2] = {0.0f, 0.1f}, invstd[2] = {0.5f, 1.2345678f}, weight[2] = {1.0f, -0.987654f};
+    const float bias[2] = {0.0f, 0.0f};
+    const BatchNormAffine affine{mean, invstd, weight, bias};
+    std::vector<c10::BFloat16> y(l.numel()), dx(l.numel());
+    batch_norm_elemt_cpu(l, DType::BFloat16, x.data(), y.data(), affine);
+    batch_norm_backward_elemt_cpu(l, DType::BFloat16, x.data(), x.data(), dx.data(), affine, nullptr, nullptr, 0);
+    int64_t wrong = 0;
+    for (int64_t o = 0; o < l.outer; ++o)
+      for (int64_t c = 0; c < l.channels; ++c)
+        for (int64_t i = 0; i < l.inner; ++i) {
+          const int64_t e = (o * l.channels + c) * l.inner + i;
+          const float a = invstd[c] * weight[c];
+          const c10::BFloat16 want_y((static_cast<float>(x[e]) - mean[c]) * a + bias[c]);
+          const c10::BFloat16 want_dx(static_cast<float>(x[e]) * a);
+          wrong += y[e].x != want_y.x;
+          wrong += dx[e].x != want_dx.x;
+        }
+    FASTREG_CHECK_EQ(wrong, int64_t{0});
+  }
 }
 
 // Channels whose float32 statistics from batch_norm_stats_cpu miss the exact ones by more than
