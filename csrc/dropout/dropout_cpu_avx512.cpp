@@ -1,6 +1,6 @@
-// AVX-512 forms of the CPU dropout kernel's two steps (dropout_cpu_avx512.h). Each function
-// carries its own target attribute: the file builds with the baseline flags, and
-// dropout_cpu.cpp calls it only where cpu_isa() found AVX-512.
+// AVX-512 forms of the CPU dropout kernel's two steps (dropout_cpu_avx512.h). The file builds
+// with the baseline flags: each function carries a target attribute (the 16-bit loop gets its
+// entry's through `flatten`), and dropout_cpu.cpp calls them only where cpu_isa() found AVX-512.
 #include "dropout_cpu_avx512.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
