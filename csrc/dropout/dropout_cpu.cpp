@@ -293,6 +293,22 @@ uint8_t tail_clipped(uint8_t bits, int64_t group, int64_t n) {
   return valid >= kDropoutGroup ? bits : static_cast<uint8_t>(bits & ((1u << valid) - 1u));
 }
 
+// Bool masks: bools[e] = bit e of bits for e in [0, count), and back (nonzero = kept).
+void write_bools(const uint8_t* bits, int64_t count, uint8_t* bools) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa() == CpuIsa::Avx512) return dropout_bits_to_bools_avx512(bits, count, bools);
+#endif
+  for (int64_t e = 0; e < count; ++e) bools[e] = (bits[e >> 3] >> (e & 7)) & 1;
+}
+
+void read_bools(const uint8_t* bools, int64_t count, uint8_t* bits) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa() == CpuIsa::Avx512) return dropout_bools_to_bits_avx512(bools, count, bits);
+#endif
+  std::memset(bits, 0, static_cast<size_t>((count + 7) / 8));
+  for (int64_t e = 0; e < count; ++e) bits[e >> 3] |= static_cast<uint8_t>((bools[e] != 0) << (e & 7));
+}
+
 }  // namespace
 
 void dropout_forward_cpu(const DropoutArgs& args, DropoutRngState rng, int64_t group_begin, int64_t group_end) {
@@ -308,7 +324,7 @@ void dropout_forward_cpu(const DropoutArgs& args, DropoutRngState rng, int64_t g
       if (args.mask_mode == MaskMode::Bits) {
         std::memcpy(args.mask + g0, bits, groups);
       } else if (args.mask_mode == MaskMode::Bool) {
-        for (int64_t e = e0; e < e1; ++e) args.mask[e] = (bits[(e - e0) >> 3] >> ((e - e0) & 7)) & 1;
+        write_bools(bits, e1 - e0, args.mask + e0);
       }
     }
   });
@@ -327,8 +343,7 @@ void dropout_backward_cpu(const DropoutArgs& args, DropoutRngState rng, int64_t 
       } else if (args.mask_mode == MaskMode::Bits) {
         std::memcpy(bits, args.mask + g0, groups);
       } else {
-        std::memset(bits, 0, sizeof(bits));
-        for (int64_t e = e0; e < e1; ++e) bits[(e - e0) >> 3] |= static_cast<uint8_t>((args.mask[e] != 0) << ((e - e0) & 7));
+        read_bools(args.mask + e0, e1 - e0, bits);
       }
       apply(bits, e0, e1);
     }

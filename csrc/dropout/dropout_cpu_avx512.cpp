@@ -240,5 +240,41 @@ void dropout_apply_avx512(const c10::BFloat16* in, c10::BFloat16* out, const uin
   }
 }
 
+// ---- bool masks ---------------------------------------------------------------------------
+// 64 elements per register: 8 bytes of keep bits are the byte mask that writes 1 or 0, and a
+// byte test turns 64 bools back into 8 bytes of bits. The element-by-element loops these
+// replace made the bool mode 2.7x slower than the others.
+
+FASTREG_AVX512 void dropout_bits_to_bools_avx512(const uint8_t* bits, int64_t count, uint8_t* bools) {
+  const __m512i one = _mm512_set1_epi8(1);
+  int64_t e = 0;
+  for (; e + 64 <= count; e += 64) {
+    uint64_t keep;
+    std::memcpy(&keep, bits + e / 8, sizeof(keep));
+    _mm512_storeu_si512(bools + e, _mm512_maskz_mov_epi8(keep, one));
+  }
+  if (e < count) {
+    const int64_t rest = count - e;
+    uint64_t keep = 0;
+    std::memcpy(&keep, bits + e / 8, static_cast<size_t>((rest + 7) / 8));
+    _mm512_mask_storeu_epi8(bools + e, (uint64_t{1} << rest) - 1, _mm512_maskz_mov_epi8(keep, one));
+  }
+}
+
+FASTREG_AVX512 void dropout_bools_to_bits_avx512(const uint8_t* bools, int64_t count, uint8_t* bits) {
+  int64_t e = 0;
+  for (; e + 64 <= count; e += 64) {
+    const __m512i v = _mm512_loadu_si512(bools + e);
+    const uint64_t keep = _mm512_test_epi8_mask(v, v);
+    std::memcpy(bits + e / 8, &keep, sizeof(keep));
+  }
+  if (e < count) {
+    const int64_t rest = count - e;
+    const __m512i v = _mm512_maskz_loadu_epi8((uint64_t{1} << rest) - 1, bools + e);  // the rest read as 0
+    const uint64_t keep = _mm512_test_epi8_mask(v, v);
+    std::memcpy(bits + e / 8, &keep, static_cast<size_t>((rest + 7) / 8));
+  }
+}
+
 }  // namespace fastreg
 #endif

@@ -30,4 +30,9 @@ void dropout_apply_avx512(const c10::Half* in, c10::Half* out, const uint8_t* bi
 void dropout_apply_avx512(const c10::BFloat16* in, c10::BFloat16* out, const uint8_t* bits, int64_t count, float scale,
                           bool stream);
 
+// Bool masks (mask_mode "bool"): bools[e] = bit e of bits, and back (a nonzero byte is kept),
+// for e in [0, count); the bits past count in the last byte are written as 0.
+void dropout_bits_to_bools_avx512(const uint8_t* bits, int64_t count, uint8_t* bools);
+void dropout_bools_to_bits_avx512(const uint8_t* bools, int64_t count, uint8_t* bits);
+
 }  // namespace fastreg
