@@ -110,8 +110,8 @@ FASTREG_AVX512 inline __m512 widen(const c10::BFloat16*, __m256i raw) {
 FASTREG_AVX512 inline __m256i narrow(c10::Half*, __m512 y) {
   return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // IEEE nearest-even, as c10::Half
 }
-// Nearest-even with NaN -> 0x7FC0: c10::BFloat16's bits. (vcvtneps2bf16 would flush
-// subnormals to zero and keep NaN signs, so the rounding is spelled out.)
+// Nearest-even with NaN -> 0x7FC0: c10::BFloat16's bits, spelled out. The rounding on CPUs
+// without AVX512_BF16, and the fallback of the vcvtneps2bf16 path below.
 FASTREG_AVX512 inline __m256i narrow(c10::BFloat16*, __m512 y) {
   const __m512i b = _mm512_castps_si512(y);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
