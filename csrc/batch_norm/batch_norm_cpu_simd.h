@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../common/bf16_convert_avx512.h"
 #include "../common/compute_type.h"
 // No fused multiply-adds: the element-wise results are those of the reference
 // (fastreg/reference/batch_norm.py), bit for bit, given the statistics.
@@ -202,21 +203,18 @@ struct IsaAvx512 : F16cScalar {
   }
 };
 
-// AVX-512 plus AVX512_BF16, for bfloat16 data only. vcvtneps2bf16 rounds 16 floats to nearest
-// even in one instruction, where the spelled-out rounding in Io::store takes about ten; that
-// rounding made bf16 the slowest dtype (eval (32,64,56,56) channels_last: bf16 535-556 us,
-// fp16 300-304 us). The instruction reads subnormal inputs as 0 and keeps the sign and
-// payload of NaNs, so a vector holding either is rounded the long way.
+// AVX-512 plus AVX512_BF16 (csrc/common/bf16_convert_avx512.h), for bfloat16 data only: its
+// one-instruction rounding made bf16 the slowest dtype before (eval (32,64,56,56)
+// channels_last: bf16 535-556 us, fp16 300-304 us).
 struct IsaAvx512Bf16 : IsaAvx512 {
   static constexpr bool kBf16Convert = true;
   template <typename V>
-  __attribute__((target("avx512f,avx512dq"))) static inline bool bf16_convert_exact(const V& v) {
-    constexpr int kNanOrSubnormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signalling NaN, subnormal
-    return _mm512_fpclass_ps_mask(bits_as<__m512>(v), kNanOrSubnormal) == 0;
+  static inline bool bf16_convert_exact(const V& v) {
+    return fastreg::bf16_convert_exact(bits_as<__m512>(v));
   }
   template <typename U16, typename V>
-  __attribute__((target("avx512f,avx512bf16"))) static inline U16 floats_to_bf16(const V& v) {
-    return bits_as<U16>(_mm512_cvtneps_pbh(bits_as<__m512>(v)));
+  static inline U16 floats_to_bf16(const V& v) {
+    return bits_as<U16>(bf16_convert(bits_as<__m512>(v)));
   }
 };
 #endif

@@ -8,6 +8,7 @@
 
 #include <cstring>
 
+#include "../common/bf16_convert_avx512.h"
 #include "../common/cpu_isa.h"
 #include "../common/philox.h"
 
@@ -121,17 +122,10 @@ FASTREG_AVX512 inline __m256i narrow(c10::BFloat16*, __m512 y) {
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
 }
 
-// vcvtneps2bf16 (AVX512_BF16) rounds 16 floats to nearest even in one instruction, against
-// about ten for narrow() above; but it reads subnormal inputs as 0 and keeps NaN signs and
-// payloads, so a register holding either is rounded the long way.
+// vcvtneps2bf16 where it gives c10's bits (csrc/common/bf16_convert_avx512.h), else the above.
 struct Bf16Convert {};
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline __m256i narrow(Bf16Convert*, __m512 y) {
-  constexpr int kNanOrSubnormal = 0x01 | 0x80 | 0x20;  // quiet NaN, signalling NaN, subnormal
-  if (_mm512_fpclass_ps_mask(y, kNanOrSubnormal) != 0) return narrow(static_cast<c10::BFloat16*>(nullptr), y);
-  const __m256bh rounded = _mm512_cvtneps_pbh(y);
-  __m256i out;
-  std::memcpy(&out, &rounded, sizeof(out));
-  return out;
+  return bf16_convert_exact(y) ? bf16_convert(y) : narrow(static_cast<c10::BFloat16*>(nullptr), y);
 }
 
 FASTREG_AVX512 inline __m512 kept_scale(uint16_t keep, float scale) {
