@@ -65,7 +65,8 @@ bool use_row_walk(const BatchNormLayout& layout) {
 // output stays in L3).
 template <typename T>
 bool should_stream(const BatchNormLayout& layout, int64_t streams) {
-  return sizeof(T) >= 4 && bypass_cache_for(streams * layout.numel() * static_cast<int64_t>(sizeof(T)));
+  const int64_t bytes_touched = streams * layout.numel() * static_cast<int64_t>(sizeof(T));
+  return sizeof(T) >= 4 && bypass_cache_for(bytes_touched, CachePass::MemoryBound);
 }
 
 inline int64_t grain_for(int64_t work_per_item) {

@@ -34,13 +34,33 @@ inline int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+// How a pass spends its time, which decides how much of the cache its tensors may take before
+// its output bypasses it.
+enum class CachePass {
+  // A few flops per element (batch norm's passes): the time is moving the bytes, so keeping
+  // them in cache is the whole gain.
+  MemoryBound,
+  // Random numbers per element (dropout): the pass writes no faster than DRAM takes the stores.
+  ComputeBound,
+};
+
 // Whether a pass whose inputs and outputs take `bytes_touched` together should write its output
-// with non-temporal stores: when they exceed half the cache. Below that, the output is still in
-// cache for whoever reads it next (the next layer, the backward, the next call); above it,
-// ordinary stores evict the inputs that the pass or its neighbours read again (AMD's L3 holds
-// what L2 evicts, and other cores share it). Measured on the 2-core EPYC (32 MiB L3), fp32 batch
-// norm: at 6.4 MB tensors, eval 250 -> 90 us and training forward 350 -> 210 us without
-// streaming; at 12.8 MB, training forward 1.7 ms without streaming, 0.9 ms with it.
-inline bool bypass_cache_for(int64_t bytes_touched) { return 2 * bytes_touched > last_level_cache_bytes(); }
+// with non-temporal stores. Below the limit the output is still in cache for whoever reads it
+// next (the next layer, the backward, the next call); above it, ordinary stores evict the inputs
+// that the pass or its neighbours read again (AMD's L3 holds what L2 evicts, and other cores
+// share it). Measured on the 2-core EPYC (32 MiB L3), processes with and without streaming in
+// turns, 8 pairs:
+//  - MemoryBound, up to the whole cache: fp32 batch norm at 12.8 MB tensors (25.6 MB touched),
+//    eval 468-518 -> 222-357 us and training forward 716-934 -> 496-713 us without streaming
+//    (7 pairs of 8); at 6.4 MB tensors, backward (19.2 MB touched) 385-450 -> 269-333 us. At
+//    38.4 MB touched (backward at 12.8 MB) the two tie, and larger passes gain from streaming:
+//    1.4-2x for the element-wise pass at 25 MB tensors.
+//  - ComputeBound, up to half the cache: fp32 dropout at 3M elements (24 MB touched) 551-1016 us
+//    without streaming against 498-717 us with it (5 pairs of 5), the opposite of batch norm at
+//    the same size.
+inline bool bypass_cache_for(int64_t bytes_touched, CachePass pass) {
+  const int64_t limit = pass == CachePass::MemoryBound ? last_level_cache_bytes() : last_level_cache_bytes() / 2;
+  return bytes_touched > limit;
+}
 
 }  // namespace fastreg

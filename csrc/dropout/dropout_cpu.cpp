@@ -239,7 +239,7 @@ void apply_block(const DropoutArgs& args, const MultiplierTable<typename Compute
   // Non-temporal stores need 16-byte alignment, and pay only when input and output overflow
   // the cache together (csrc/common/cpu_cache.h).
   const bool streaming = (reinterpret_cast<uintptr_t>(out) & 15u) == 0 &&
-                         bypass_cache_for(2 * args.n * static_cast<int64_t>(sizeof(T)));
+                         bypass_cache_for(2 * args.n * static_cast<int64_t>(sizeof(T)), CachePass::ComputeBound);
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_isa() == CpuIsa::Avx512) {  // the whole range, partial last group included
     return dropout_apply_avx512(in, out, bits, e1 - e0, keep_scale<T>(args), streaming);
