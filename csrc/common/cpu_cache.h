@@ -50,10 +50,11 @@ enum class CachePass {
 // next (the next layer, the backward, the next call); above it, ordinary stores evict the inputs
 // that the pass or its neighbours read again (AMD's L3 holds what L2 evicts, and other cores
 // share it). Measured on the 2-core EPYC (32 MiB L3), processes with and without streaming in
-// turns, 8 pairs:
+// turns:
 //  - MemoryBound, up to the whole cache: fp32 batch norm at 12.8 MB tensors (25.6 MB touched),
-//    eval 468-518 -> 222-357 us and training forward 716-934 -> 496-713 us without streaming
-//    (7 pairs of 8); at 6.4 MB tensors, backward (19.2 MB touched) 385-450 -> 269-333 us. At
+//    eval 468-518 -> 235-357 us and training forward 716-934 -> 496-713 us without streaming
+//    in 7 pairs of 8 (in the 8th, streaming won: 252 and 487 us); at 6.4 MB tensors, backward
+//    (19.2 MB touched) 385-450 -> 269-333 us (5 pairs of 5). At
 //    38.4 MB touched (backward at 12.8 MB) the two tie, and larger passes gain from streaming:
 //    1.4-2x for the element-wise pass at 25 MB tensors.
 //  - ComputeBound, up to half the cache: fp32 dropout at 3M elements (24 MB touched) 551-1016 us
