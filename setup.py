@@ -99,7 +99,7 @@ def aot_extension_setup() -> dict:
             "cxx": _build.CXX_FLAGS + ["-g0"] + (["-DFASTREG_WITH_CUDA"] if with_cuda else []),
             "nvcc": _build.NVCC_FLAGS,
         },
-        extra_link_args=_build.LINK_FLAGS,
+        extra_link_args=_build.link_flags(),
     )
     say(
         f"compiling {'CPU+CUDA' if with_cuda else 'CPU'} kernels ahead of time for torch {torch.__version__}"

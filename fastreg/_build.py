@@ -22,6 +22,30 @@ LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
+def link_flags() -> list[str]:
+    """LINK_FLAGS, plus the shared libstdc++ this process has loaded (torch's) as a linker input.
+
+    A g++ that links libstdc++ statically by default (the H100 test machine's g++ 13 wrapper)
+    otherwise puts a second copy of it inside the extension, and that copy's streams crash on
+    the locale state of torch's copy: seen there in the first TORCH_CHECK message formatted and
+    in reading sysfs with std::ifstream. Naming the loaded library makes the extension depend on
+    it (NEEDED libstdc++.so.6), so nothing is taken from a static one. With an ordinary g++ it
+    is the library the driver links anyway."""
+    return LINK_FLAGS + _loaded_libstdcxx()
+
+
+def _loaded_libstdcxx() -> list[str]:
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return [path]
+    except OSError:  # not Linux
+        pass
+    return []
+
+
 def source_root() -> Path:
     """csrc/ of a source checkout, else the copy shipped inside the installed package."""
     checkout = PACKAGE_DIR.parent / "csrc"

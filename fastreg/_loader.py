@@ -189,7 +189,7 @@ def _jit_build_and_load() -> None:
                 build_directory=str(build_dir),
                 extra_cflags=_build.CXX_FLAGS + (["-DFASTREG_WITH_CUDA"] if with_cuda else []),
                 extra_cuda_cflags=_build.NVCC_FLAGS,
-                extra_ldflags=_build.LINK_FLAGS,
+                extra_ldflags=_build.link_flags(),
                 with_cuda=with_cuda,
                 is_python_module=False,
                 verbose=os.environ.get("FASTREG_VERBOSE_BUILD") == "1",

@@ -265,3 +265,23 @@ def test_aot_build_is_used_when_present():
     fastreg.backends()
     assert _loader.STATE.mode == "aot"
     assert Path(_loader.STATE.library).parent == _build.PACKAGE_DIR
+
+
+def test_link_flags_name_the_libstdcxx_that_torch_loaded():
+    """The extension must share torch's libstdc++: a static copy inside it (what a g++ that links
+    libstdc++ statically would make) crashed on the first TORCH_CHECK message it formatted."""
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs Linux's /proc")
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libstdc++.so" in line}
+    extra = [flag for flag in _build.link_flags() if flag not in _build.LINK_FLAGS]
+    assert len(extra) == 1 and extra[0] in loaded, (extra, loaded)
+
+
+def test_compiled_library_depends_on_the_shared_libstdcxx():
+    if _loader.requested_backend() == "reference" or shutil.which("ldd") is None:
+        pytest.skip("needs the compiled library and ldd")
+    fastreg.backends()
+    if _loader.STATE.library is None:
+        pytest.skip("no compiled library in this process")
+    linked = subprocess.run(["ldd", _loader.STATE.library], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in linked, linked

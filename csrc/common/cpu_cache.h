@@ -4,9 +4,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <string>
 
 namespace fastreg {
 
@@ -19,15 +18,22 @@ inline int64_t last_level_cache_bytes() {
     if (const char* env = std::getenv("FASTREG_CPU_CACHE_MB"); env != nullptr && *env != '\0') {
       return std::max<int64_t>(0, std::atoll(env)) << 20;
     }
+    // C stdio, not <fstream>: some toolchains link libstdc++ statically into the extension,
+    // and that copy's streams crash on the locale that torch's libstdc++ set up (seen on the
+    // H100 machine's g++ 13, inside std::istream's number parsing).
     int64_t largest = 0;
     for (int index = 0; index < 8; ++index) {
-      std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
-      int64_t size = 0;
-      std::string unit;
-      if (!(file >> size)) break;
-      file >> unit;
-      const int64_t scale = unit.rfind("M", 0) == 0 ? (int64_t{1} << 20) : unit.rfind("K", 0) == 0 ? 1024 : 1;
-      largest = std::max(largest, size * scale);
+      char path[64];
+      std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+      std::FILE* file = std::fopen(path, "r");
+      if (file == nullptr) break;
+      long long size = 0;
+      char unit = '\0';
+      const int fields = std::fscanf(file, "%lld%c", &size, &unit);
+      std::fclose(file);
+      if (fields < 1) break;
+      const int64_t scale = unit == 'M' ? (int64_t{1} << 20) : unit == 'K' ? 1024 : 1;
+      largest = std::max<int64_t>(largest, size * scale);
     }
     return largest > 0 ? largest : int64_t{32} << 20;
   }();
