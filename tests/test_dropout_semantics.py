@@ -204,9 +204,13 @@ def test_mismatched_devices_are_named():
     state = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="mask.*on cpu"):
         torch.ops.fastreg.dropout_backward(grad, torch.ones(2, dtype=torch.uint8), state, 0.5, 1)
+    # even the unused placeholder of the regenerating mode must be on grad's device
+    with pytest.raises(RuntimeError, match="mask is on cpu"):
+        torch.ops.fastreg.dropout_backward(grad, torch.empty(0, dtype=torch.uint8), state, 0.5, 0)
     # a CPU rng_state is read on the host: allowed, and gives the same mask as on the GPU
-    on_host = torch.ops.fastreg.dropout_backward(grad, torch.empty(0, dtype=torch.uint8), state, 0.5, 0)
-    on_device = torch.ops.fastreg.dropout_backward(grad, torch.empty(0, dtype=torch.uint8), state.cuda(), 0.5, 0)
+    placeholder = torch.empty(0, dtype=torch.uint8, device="cuda")
+    on_host = torch.ops.fastreg.dropout_backward(grad, placeholder, state, 0.5, 0)
+    on_device = torch.ops.fastreg.dropout_backward(grad, placeholder, state.cuda(), 0.5, 0)
     assert torch.equal(on_host, on_device)
 
 
