@@ -192,6 +192,7 @@ def test_cli_exits_nonzero_and_reports_the_failure(tmp_path, broken_op, capsys):
     assert rows["torch_eager"]["status"] == OK and float(rows["torch_eager"]["median_ms"]) > 0
     raw = json.loads((out / "raw.json").read_text())
     assert raw["info"]["torch_version"] == torch.__version__ and raw["info"]["fastreg_commit"]
+    assert raw["info"]["command"] == f"python -m fastreg.bench --device cpu --ops {broken_op} --out {out}"
 
 
 def test_cli_never_overwrites_a_run_unless_asked(tmp_path, broken_op):

@@ -179,6 +179,8 @@ def markdown(info: dict, rows: list[dict], plot_note: str = "", plot_files: list
                 "wall_time_s",
                 "load_average_start",
                 "load_average_end",
+                "command",
+                "note",
             )
             if info.get(k)
         ],
