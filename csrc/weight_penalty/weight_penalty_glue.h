@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <unordered_map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -55,15 +55,23 @@ inline at::TensorOptions penalty_value_options(at::TensorList params) {
   return at::TensorOptions().dtype(penalty_value_dtype(params)).device(device);
 }
 
-// Kernel arguments plus the tensors they point into (dense copies of parameters that needed one).
+// Kernel arguments, plus the dense copies made for them (the caller's own tensors outlive the
+// op call; holding a reference to each would cost two atomic operations per tensor per step).
 struct PenaltyBatch {
-  std::vector<at::Tensor> keep_alive;
+  std::vector<at::Tensor> copies;
   std::vector<PenaltyTensor> tensors;
 
+  explicit PenaltyBatch(size_t count) { tensors.reserve(count); }
+
+  // A tensor of the caller's.
   void add(const at::Tensor& param, void* grad) {
     if (param.numel() == 0) return;
-    keep_alive.push_back(param);
     tensors.push_back(PenaltyTensor{param.data_ptr(), grad, param.numel(), kernel_dtype(param, "fastreg.weight_penalty")});
+  }
+  // A copy made for the kernels, kept alive with the batch.
+  void add_copy(at::Tensor copy, void* grad) {
+    add(copy, grad);
+    copies.push_back(std::move(copy));
   }
 };
 
@@ -71,19 +79,31 @@ struct PenaltyBatch {
 // check_penalty_grads): the ops run every check before any allocation or device guard, so a
 // mixed-device list fails with the message naming the tensor, as in the reference.
 inline PenaltyBatch penalty_value_batch(at::TensorList params) {
-  PenaltyBatch batch;
-  for (const at::Tensor& p : params) batch.add(memory_dense(p), nullptr);
+  PenaltyBatch batch(params.size());
+  for (const at::Tensor& p : params) {
+    if (p.is_non_overlapping_and_dense()) {
+      batch.add(p, nullptr);
+    } else {
+      batch.add_copy(memory_dense(p), nullptr);
+    }
+  }
   return batch;
 }
 
 // Backward: one new tensor per parameter, laid out like the (dense) parameter.
 inline PenaltyBatch penalty_backward_batch(at::TensorList params, std::vector<at::Tensor>& outputs) {
-  PenaltyBatch batch;
+  PenaltyBatch batch(params.size());
   outputs.clear();
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor dense = memory_dense(params[i]);
-    outputs.push_back(at::empty_like(dense));
-    batch.add(dense, outputs.back().data_ptr());
+  outputs.reserve(params.size());
+  for (const at::Tensor& p : params) {
+    if (p.is_non_overlapping_and_dense()) {
+      outputs.push_back(at::empty_like(p));
+      batch.add(p, outputs.back().data_ptr());
+    } else {
+      at::Tensor copy = memory_dense(p);
+      outputs.push_back(at::empty_like(copy));
+      batch.add_copy(std::move(copy), outputs.back().data_ptr());
+    }
   }
   return batch;
 }
@@ -115,26 +135,33 @@ inline std::pair<uintptr_t, uintptr_t> penalty_extent(const at::Tensor& t) {
 }
 
 // The kernels update the gradients in parallel while they read the parameters: a gradient that
-// overlaps another gradient (partly: the same memory twice is caught above) or any parameter
-// would be updated twice or change values still to be read. Gradients are dense, so sorted by
-// address they overlap only if neighbours do; each parameter is then found by binary search.
+// shares memory with another gradient or overlaps any parameter would be updated twice or
+// change values still to be read. Gradients are dense, so sorted by address they overlap only
+// if neighbours do; each parameter is then found by binary search. The order of the sort
+// (begin, end, index) and so the pair named first are the reference's.
 inline void check_penalty_grads_overlap(at::TensorList grads, at::TensorList params) {
   struct Range {
     uintptr_t begin, end;
     size_t index;
   };
   std::vector<Range> ranges;
+  ranges.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i].numel() == 0) continue;
     const auto [begin, end] = penalty_extent(grads[i]);
     ranges.push_back(Range{begin, end, i});
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
+    return std::tie(a.begin, a.end, a.index) < std::tie(b.begin, b.end, b.index);
+  });
   for (size_t k = 1; k < ranges.size(); ++k) {
     const Range& a = ranges[k - 1];
     const Range& b = ranges[k];
-    TORCH_CHECK(b.begin >= a.end, "fastreg.weight_penalty: grads[", std::max(a.index, b.index), "] and grads[",
-                std::min(a.index, b.index), "] overlap in memory; each gradient needs memory of its own");
+    const size_t later = std::max(a.index, b.index), earlier = std::min(a.index, b.index);
+    TORCH_CHECK(b.begin != a.begin, "fastreg.weight_penalty: grads[", later, "] and grads[", earlier,
+                "] share memory; list each parameter once");
+    TORCH_CHECK(b.begin >= a.end, "fastreg.weight_penalty: grads[", later, "] and grads[", earlier,
+                "] overlap in memory; each gradient needs memory of its own");
   }
   for (size_t j = 0; j < params.size(); ++j) {
     if (params[j].numel() == 0) continue;
@@ -150,31 +177,23 @@ inline void check_penalty_grads_overlap(at::TensorList grads, at::TensorList par
 inline void check_penalty_grads(at::TensorList grads, at::TensorList params) {
   TORCH_CHECK(grads.size() == params.size(), "fastreg.weight_penalty: got ", grads.size(), " gradients for ", params.size(),
               " parameters");
-  std::unordered_map<const void*, size_t> seen;  // a gradient listed twice would be updated twice
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    check_penalty_grad(g, params[i], i);
-    if (g.numel() == 0) continue;
-    const auto [where, fresh] = seen.emplace(g.data_ptr(), i);
-    TORCH_CHECK(fresh, "fastreg.weight_penalty: grads[", i, "] and grads[", where->second,
-                "] share memory; list each parameter once");
-  }
+  for (size_t i = 0; i < params.size(); ++i) check_penalty_grad(grads[i], params[i], i);
   check_penalty_grads_overlap(grads, params);
 }
 
 // Accumulate: the kernels walk a parameter and its gradient in the same memory order, so a
 // parameter laid out differently from its gradient is read through a copy in the gradient's layout.
 inline PenaltyBatch penalty_accumulate_batch(at::TensorList grads, at::TensorList params) {
-  PenaltyBatch batch;
+  PenaltyBatch batch(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     if (g.numel() == 0) continue;
-    at::Tensor w = p;
-    if (!p.is_non_overlapping_and_dense() || p.strides() != g.strides()) {
-      w = at::empty_strided(g.sizes(), g.strides(), g.options()).copy_(p);
+    if (p.is_non_overlapping_and_dense() && p.strides() == g.strides()) {
+      batch.add(p, g.data_ptr());
+    } else {
+      batch.add_copy(at::empty_strided(g.sizes(), g.strides(), g.options()).copy_(p), g.data_ptr());
     }
-    batch.add(w, g.data_ptr());
   }
   return batch;
 }
