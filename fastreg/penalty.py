@@ -30,12 +30,14 @@ like real models (:func:`resnet50_like_params`, :func:`gpt2_small_like_params`,
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _loader
 from .ops import weight_penalty as _ops  # noqa: F401  (defines the ops)
 from .reference.weight_penalty import SUPPORTED_DTYPES, check_coefficients, naive_penalty
 
@@ -44,6 +46,7 @@ __all__ = [
     "foreach_penalty_",
     "gpt2_small_like_params",
     "naive_autograd_penalty",
+    "resnet50_host_params",
     "resnet50_like_params",
     "select_decay_parameters",
     "small_cpu_params",
@@ -203,6 +206,8 @@ class WeightPenalty:
                     )
                 seen[id(p)] = index
             self.param_groups.append(group)
+        # group index -> (the tensors it was made for, WeightPenaltyGroup or None): see _native_group
+        self._native: dict[int, tuple[tuple[torch.Tensor, ...], object]] = {}
 
     @staticmethod
     def _check_param(p, group: int, i: int) -> None:
@@ -231,14 +236,19 @@ class WeightPenalty:
     def add_grad_(self) -> torch.Tensor:
         """Adds the penalty's gradient into every ``.grad`` in place and returns the penalty value."""
         values = []
-        for group in self.param_groups:
+        compiling = torch.compiler.is_compiling()
+        for index, group in enumerate(self.param_groups):
             l1, l2 = group["l1"], group["l2"]
             if l1 == 0.0 and l2 == 0.0:
                 continue
-            # One pass, each attribute read once: this loop is the host time of a step on a GPU,
-            # where ResNet-50's 161 tensors (307 MB to move) take about 90 us at an H100's memory
-            # bound; 161 parameters: 232-249 -> 109-147 us on the 2-core VM (the __init__ checks hold:
-            # the parameter objects are fixed; their device, requires_grad and .grad are not).
+            native = None if compiling else self._native_group(index, group["params"])
+            if native is not None:
+                values.extend(native.add_grad_(l1, l2))
+                continue
+            # The same loop as WeightPenaltyGroup.add_grad_ (csrc/weight_penalty/weight_penalty_group.cpp),
+            # for the reference backend and for torch.compile. One pass, each attribute read once
+            # (the __init__ checks hold: the parameter objects are fixed; their device,
+            # requires_grad and .grad are not).
             by_device: dict[torch.device, tuple[list, list, list]] = {}
             for p in group["params"]:
                 device = p.device
@@ -259,6 +269,24 @@ class WeightPenalty:
                 if frozen:
                     values.append(torch.ops.fastreg.weight_penalty_value(frozen, l1, l2))
         return _sum_values(values) if values else torch.zeros((), dtype=torch.float32)
+
+    def _native_group(self, index: int, params: list[torch.Tensor]):
+        """The compiled loop for a group (``torch.classes.fastreg.WeightPenaltyGroup``), or None
+        where the Python loop must run: no compiled library (the reference backend), or a
+        parameter of a tensor subclass, whose attribute overrides only Python honours. Made at
+        the first call and again whenever the group's list no longer holds the same tensors."""
+        cached = self._native.get(index)
+        if cached is not None and len(cached[0]) == len(params) and all(map(operator.is_, cached[0], params)):
+            return cached[1]
+        native = None
+        if all(type(p) in (torch.Tensor, nn.Parameter) for p in params) and _loader.load_kernels("cpu"):
+            native = torch.classes.fastreg.WeightPenaltyGroup(list(params))
+        self._native[index] = (tuple(params), native)
+        return native
+
+    def __getstate__(self) -> dict:
+        # The compiled objects do not pickle; they are made again at the next add_grad_.
+        return {**self.__dict__, "_native": {}}
 
     def __repr__(self) -> str:
         groups = ", ".join(f"({len(g['params'])} tensors, l1={g['l1']}, l2={g['l2']})" for g in self.param_groups)
@@ -324,6 +352,12 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     return shapes + [(d,), (d,)]  # ln_f
 
 
+def resnet50_host_shapes() -> list[tuple[int, ...]]:
+    """ResNet-50's 161 tensors with one element each: what an implementation costs the host per
+    step, apart from moving memory (on a GPU, whether the host can keep ahead of the kernels)."""
+    return [(1,)] * len(resnet50_shapes())
+
+
 def small_cpu_shapes() -> list[tuple[int, ...]]:
     """80 tensors, about 10M elements: 40 (weight, bias) pairs with odd sizes, for CPU benchmarks."""
     shapes: list[tuple[int, ...]] = []
@@ -355,6 +389,10 @@ def make_params(
 
 def resnet50_like_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
     return make_params(resnet50_shapes(), device, dtype, **kwargs)
+
+
+def resnet50_host_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
+    return make_params(resnet50_host_shapes(), device, dtype, **kwargs)
 
 
 def gpt2_small_like_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:

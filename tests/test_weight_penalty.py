@@ -606,6 +606,7 @@ def test_model_shaped_lists_have_the_real_sizes():
         (penalty.gpt2_small_shapes(), 148, 124_439_808),
     ]:
         assert len(shapes) == count and sum(math.prod(s) for s in shapes) == elements
+    assert penalty.resnet50_host_shapes() == [(1,)] * 161
     small = penalty.small_cpu_shapes()
     assert len(small) == 80 and 9e6 < sum(math.prod(s) for s in small) < 12e6
     params = penalty.resnet50_like_params(dtype=torch.bfloat16, grads=True)
@@ -730,6 +731,92 @@ def test_add_grad_leaves_frozen_parameters_alone():
     assert b.grad is None and torch.equal(c.grad, torch.ones(4, 4))
     assert mismatch(a.grad, (0.1 * torch.sign(a) + 0.4 * a).detach(), exact=True) is None
     assert_value_close(value, [a, b, c], 0.1, 0.2)
+
+
+def _mixed_group(device="cpu"):
+    """Parameters that take every branch of add_grad_'s loop: a .grad to allocate, a frozen one,
+    channels_last, several dtypes, and odd sizes."""
+    params = make([(6, 3, 5, 5), (40,), (13, 7), (3,), (257,)], device=device, seed=3)
+    params[0] = params[0].to(memory_format=torch.channels_last)
+    params[2] = params[2].to(torch.bfloat16)
+    params[4] = params[4].double()
+    generator = torch.Generator().manual_seed(4)
+    for p in params:
+        p.requires_grad_()
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=generator))  # p's layout
+    params[1].grad = params[3].grad = None
+    params[3].requires_grad_(False)
+    return params
+
+
+@KERNELS_ONLY
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_add_grad_loop_matches_the_python_loop(device):
+    """WeightPenalty.add_grad_ runs its per-step loop in C++ (WeightPenaltyGroup) where the kernels
+    are loaded; the Python loop serves the reference backend and torch.compile. Same bits."""
+    use_kernels(device)
+    values, grads = [], []
+    for native in (True, False):
+        params = _mixed_group(device)
+        wp = penalty.WeightPenalty([{"params": params[:3], "l1": 0.3}, {"params": params[3:]}], l2=0.7)
+        if not native:
+            wp._native_group = lambda index, group_params: None
+        values.append(wp.add_grad_())
+        grads.append([p.grad for p in params])
+        assert (wp._native.get(0, (None, None))[1] is not None) == native
+    assert values[0].dtype == values[1].dtype == torch.float64
+    assert mismatch(values[0], values[1], exact=True) is None
+    assert grads[0][3] is None and grads[1][3] is None  # frozen: counted, not touched
+    for native_grad, python_grad in zip(grads[0], grads[1]):
+        if native_grad is not None:
+            assert native_grad.stride() == python_grad.stride()
+            assert mismatch(native_grad, python_grad, exact=True) is None
+
+
+@KERNELS_ONLY
+def test_compiled_add_grad_loop_follows_changes_to_the_group():
+    use_kernels("cpu")
+    a, b, c = (p.requires_grad_() for p in make([(20, 3), (7,), (4, 4)]))
+    wp = penalty.WeightPenalty([a, b], l2=0.5)
+    wp.add_grad_()
+    first = wp._native[0][1]
+    wp.add_grad_()
+    assert wp._native[0][1] is first  # made once, reused
+    wp.param_groups[0]["params"][1] = c  # the same length, another tensor
+    wp.param_groups[0]["l2"] = 0.25  # coefficients are read at each call, as optimizers read lr
+    value = wp.add_grad_()
+    assert wp._native[0][1] is not first and c.grad is not None
+    assert_value_close(value, [a, c], 0.0, 0.25)
+    assert mismatch(c.grad, (0.5 * c).detach(), exact=True) is None
+
+
+def test_weight_penalty_pickles_and_copies_after_a_step():
+    import copy
+    import pickle
+
+    use_kernels("cpu")
+    params = [p.requires_grad_() for p in make([(5, 3), (4,)])]
+    wp = penalty.WeightPenalty(params, l1=0.1, l2=0.2)
+    wp.add_grad_()
+    for clone in (pickle.loads(pickle.dumps(wp)), copy.deepcopy(wp)):
+        assert clone._native == {}
+        twin = clone.param_groups[0]["params"]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in twin]  # pickle drops .grad
+        clone.add_grad_()
+        for p, g in zip(twin, grads):
+            assert mismatch(p.grad, (g + 0.1 * torch.sign(p) + 0.4 * p).detach()) is None
+
+
+def test_tensor_subclass_parameters_take_the_python_loop():
+    class Tagged(torch.Tensor):
+        pass
+
+    use_kernels("cpu")
+    p = torch.randn(5).as_subclass(Tagged).requires_grad_()
+    wp = penalty.WeightPenalty([p], l2=0.5)
+    wp.add_grad_()
+    assert wp._native[0][1] is None
+    assert mismatch(p.grad.as_subclass(torch.Tensor), p.detach().as_subclass(torch.Tensor)) is None
 
 
 def test_weight_penalty_rejects_non_leaf_tensors():
