@@ -26,6 +26,7 @@ from .sets import BenchSet
 PARAM_LISTS = {
     "small": ("small_cpu_shapes", "small_cpu_params"),
     "resnet50": ("resnet50_shapes", "resnet50_like_params"),
+    "resnet50_host": ("resnet50_host_shapes", "resnet50_host_params"),  # host cost per step
     "gpt2_small": ("gpt2_small_shapes", "gpt2_small_like_params"),
 }
 IMPLS = ("torch_autograd", "torch_foreach", "torch_compile", "fastreg", "reference")

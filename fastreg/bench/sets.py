@@ -31,7 +31,8 @@ class BenchSet:
     #: per device type; fp16 only where it is a training dtype people use (GPU)
     dropout_dtypes: dict[str, tuple[torch.dtype, ...]]
     dropout_p: float
-    #: weight-penalty parameter lists (names from fastreg.penalty), per device type
+    #: weight-penalty parameter lists (bench/penalty_cases.PARAM_LISTS), per device type;
+    #: "resnet50_host" (one element per tensor) times the host's share of a step
     penalty_lists: dict[str, tuple[str, ...]]
     penalty_l1: float
     penalty_l2: float
@@ -84,7 +85,7 @@ SETS: dict[str, BenchSet] = {
         dropout_sizes=(1 * M, 16 * M),
         dropout_dtypes={"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16)},
         dropout_p=0.1,
-        penalty_lists={"cpu": ("small",), "cuda": ("resnet50",)},
+        penalty_lists={"cpu": ("small", "resnet50_host"), "cuda": ("resnet50", "resnet50_host")},
         penalty_l1=1e-5,
         penalty_l2=1e-4,
         batch_norm_shapes={"cpu": CPU_BN_SHAPES, "cuda": CPU_BN_SHAPES},
@@ -98,7 +99,10 @@ SETS: dict[str, BenchSet] = {
         dropout_sizes=(64 * K, 1 * M, 4 * M, 16 * M, 64 * M, 128 * M),
         dropout_dtypes={"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)},
         dropout_p=0.1,
-        penalty_lists={"cpu": ("small", "resnet50"), "cuda": ("resnet50", "gpt2_small")},
+        penalty_lists={
+            "cpu": ("small", "resnet50", "resnet50_host"),
+            "cuda": ("resnet50", "gpt2_small", "resnet50_host"),
+        },
         penalty_l1=1e-5,
         penalty_l2=1e-4,
         batch_norm_shapes={"cpu": CPU_BN_SHAPES, "cuda": GPU_BN_SHAPES},
