@@ -664,6 +664,32 @@ def test_cuda_matches_cpu_and_captures_in_a_graph():
     assert torch.equal(captured, value) and mismatch([s.cpu() for s in static], cpu_grads, exact=True) is None
 
 
+@CUDA_ONLY
+def test_add_grad_captures_in_a_cuda_graph():
+    """The training-loop form inside a captured step: the compiled loop allocates nothing once
+    every .grad exists, and its kernels read the parameters at replay."""
+    use_kernels("cuda")
+    params = [p.requires_grad_() for p in make(many_shapes(40), device="cuda")]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    wp = penalty.WeightPenalty(params, l1=0.1, l2=0.2)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        wp.add_grad_()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = wp.add_grad_()
+    for p in params:
+        p.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_value_close(captured, params, 0.1, 0.2)
+    for p in params:
+        assert mismatch(p.grad, (0.1 * torch.sign(p) + 0.4 * p).detach()) is None
+
+
 # --- inputs the user API must take like the formula, or name --------------------------------
 
 
