@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "../common/compute_type_cuda.cuh"
@@ -52,16 +53,48 @@ int sm_count() {
   return sms > 0 ? sms : 1;
 }
 
-template <typename T, bool Backward>
-int launch_typed(const DropoutArgs& args, const DropoutRngSource& src, cudaStream_t stream) {
+// Blocks of `kernel` that fit on one SM of the current device at once, at most kBlocksPerSm.
+// The registers decide: at 32 per thread all 8 blocks of 256 fit, but the aligned kernels, which
+// hold a group's input while the Philox rounds run, take 38-48 (sm_90), so 5-6 fit. The grid
+// strides, so a grid larger than what fits would run its last blocks as a second, part-empty
+// wave. Asked once per kernel and device (devices of a host may differ).
+template <typename Kernel>
+int resident_blocks(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // 0: not asked yet
+  int device = 0;
+  cudaGetDevice(&device);
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
+    cudaGetLastError();  // a failed query must not be reported as the launch's error
+    blocks = 1;
+  }
+  blocks = blocks < kBlocksPerSm ? blocks : kBlocksPerSm;
+  if (cacheable) cached[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+template <typename T, bool Backward, bool Aligned>
+void launch_kernel(const DropoutArgs& args, const DropoutRngSource& src, cudaStream_t stream) {
+  const auto kernel = dropout_kernel<T, Backward, Aligned>;
   const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
   const int64_t wanted = (groups + kThreads - 1) / kThreads;
-  const int64_t most = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
+  const int64_t most = static_cast<int64_t>(sm_count()) * resident_blocks(kernel);
   const int blocks = static_cast<int>(wanted < 1 ? 1 : (wanted < most ? wanted : most));
+  kernel<<<blocks, kThreads, 0, stream>>>(args, src);
+}
+
+template <typename T, bool Backward>
+int launch_typed(const DropoutArgs& args, const DropoutRngSource& src, cudaStream_t stream) {
   if (dropout_groups_aligned(args)) {
-    dropout_kernel<T, Backward, true><<<blocks, kThreads, 0, stream>>>(args, src);
+    launch_kernel<T, Backward, true>(args, src, stream);
   } else {
-    dropout_kernel<T, Backward, false><<<blocks, kThreads, 0, stream>>>(args, src);
+    launch_kernel<T, Backward, false>(args, src, stream);
   }
   return static_cast<int>(cudaGetLastError());
 }

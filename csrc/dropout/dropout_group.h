@@ -72,6 +72,13 @@ FASTREG_HOST_DEVICE void dropout_group(const DropoutArgs& args, DropoutRngState 
   const bool full = e0 + kDropoutGroup <= n;
   const uint32_t valid = full ? 0xFFu : ((1u << (n - e0)) - 1u);
 
+  // A full group's input is loaded first, so that its memory latency overlaps the Philox rounds
+  // (a dependent chain of multiplies) instead of following them. The compiler cannot move the
+  // load up by itself: the mask stores below go through a uint8_t pointer, which may alias it.
+  // In place this is still the one read of each element, before its write.
+  Group8<T> x;
+  if (Aligned && full) x = load_word<Group8<T>>(in + e0);
+
   uint32_t bits;
   if (!Backward || args.mask_mode == MaskMode::Regenerate) {
     bits = dropout_keep_bits(rng, static_cast<uint64_t>(g), args.threshold) & valid;
@@ -101,7 +108,6 @@ FASTREG_HOST_DEVICE void dropout_group(const DropoutArgs& args, DropoutRngState 
   }
 
   if (Aligned && full) {
-    const Group8<T> x = load_word<Group8<T>>(in + e0);
     Group8<T> y;
     FASTREG_UNROLL
     for (int j = 0; j < kDropoutGroup; ++j) {
