@@ -57,17 +57,26 @@ int sm_count() {
 // The registers decide: at 32 per thread all 8 blocks of 256 fit, but the aligned kernels, which
 // hold a group's input while the Philox rounds run, take 38-48 (sm_90), so 5-6 fit. The grid
 // strides, so a grid larger than what fits would run its last blocks as a second, part-empty
-// wave. Asked once per kernel and device (devices of a host may differ).
-template <typename Kernel>
-int resident_blocks(Kernel kernel) {
+// wave. Asked once per kernel and device (devices of a host may differ): the template
+// parameters make one cache per kernel, as every instantiation has the same pointer type.
+template <typename T, bool Backward, bool Aligned>
+int resident_blocks(cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices];  // 0: not asked yet
+  const auto kernel = dropout_kernel<T, Backward, Aligned>;
   int device = 0;
   cudaGetDevice(&device);
   const bool cacheable = device >= 0 && device < kMaxDevices;
   if (cacheable) {
     const int known = cached[device].load(std::memory_order_relaxed);
     if (known > 0) return known;
+  }
+  // A first launch inside CUDA-graph capture does not query (in the global capture mode a call
+  // the runtime deems unsafe would invalidate the capture); it takes the upper bound, uncached.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return kBlocksPerSm;
   }
   int blocks = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
@@ -81,12 +90,11 @@ int resident_blocks(Kernel kernel) {
 
 template <typename T, bool Backward, bool Aligned>
 void launch_kernel(const DropoutArgs& args, const DropoutRngSource& src, cudaStream_t stream) {
-  const auto kernel = dropout_kernel<T, Backward, Aligned>;
   const int64_t groups = (args.n + kDropoutGroup - 1) / kDropoutGroup;
   const int64_t wanted = (groups + kThreads - 1) / kThreads;
-  const int64_t most = static_cast<int64_t>(sm_count()) * resident_blocks(kernel);
+  const int64_t most = static_cast<int64_t>(sm_count()) * resident_blocks<T, Backward, Aligned>(stream);
   const int blocks = static_cast<int>(wanted < 1 ? 1 : (wanted < most ? wanted : most));
-  kernel<<<blocks, kThreads, 0, stream>>>(args, src);
+  dropout_kernel<T, Backward, Aligned><<<blocks, kThreads, 0, stream>>>(args, src);
 }
 
 template <typename T, bool Backward>
