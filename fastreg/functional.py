@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from . import _loader
 from .ops import dropout as _dropout_ops
 from .penalty import weight_penalty  # noqa: F401  (fastreg.functional.weight_penalty)
 from .reference import batch_norm as _batch_norm_ref
@@ -23,6 +24,13 @@ def _mask_mode(mask_mode: str) -> int:
         raise ValueError(f"mask_mode must be one of {sorted(MASK_MODES)}, got {mask_mode!r}") from None
 
 
+def _load_before_dispatch(input: torch.Tensor) -> None:
+    """Loads the compiled kernels before the first call dispatches, so that it takes their C++
+    autograd (with its forward-mode AD) and not the reference's Python one."""
+    if not torch.compiler.is_compiling() and not _loader.STATE.attempted:
+        _loader.load_kernels(input.device.type)
+
+
 def dropout_with_mask(
     input: torch.Tensor,
     p: float = 0.5,
@@ -37,6 +45,7 @@ def dropout_with_mask(
     if mode == MASK_MODES["regenerate"]:
         raise ValueError("dropout_with_mask needs mask_mode 'bool' or 'bits'")
     check_input(input)
+    _load_before_dispatch(input)
     if not training:
         keep = torch.ones_like(input, dtype=torch.bool)
         return input, keep if mode == MASK_MODES["bool"] else _ones_bits(input)
@@ -69,6 +78,7 @@ def dropout(
     if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
         return input
     check_input(input)
+    _load_before_dispatch(input)
     if inplace:
         if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
             return input.copy_(torch.ops.fastreg.dropout(input, p, mode, generator)[0])

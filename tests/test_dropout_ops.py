@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import fastreg
 import fastreg.functional as F
@@ -48,15 +49,77 @@ def test_gradcheck_fp64(device, mode):
 @pytest.mark.skipif(REFERENCE_BACKEND, reason="the compiled library's autograd")
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_library_records_its_cpp_autograd_nodes(device):
-    # register_autograd's Python kernels cost ~60 us per forward + backward; the compiled library
-    # registers the same formulas in C++ for AutogradCPU/AutogradCUDA (dropout_autograd.cpp).
+    # register_autograd's Python kernels cost tens of us per forward + backward; the compiled
+    # library registers the same formulas in C++ for AutogradCPU/AutogradCUDA (dropout_autograd.cpp).
     use_kernels(device, ("dropout", "dropout_seeded", "dropout_backward"))
     x = torch.randn(8, device=device, requires_grad=True)
     y = F.dropout(x, 0.5)
-    assert "DropoutFunction" in y.grad_fn.name()
+    assert y.grad_fn.name() == "fastreg::DropoutBackward"
     (g,) = torch.autograd.grad(y, x, torch.ones_like(y, requires_grad=True), create_graph=True)
-    assert "DropoutBackwardFunction" in g.grad_fn.name()
-    assert "DropoutSeededFunction" in torch.ops.fastreg.dropout_seeded(x, 0.5, state(device), 0)[0].grad_fn.name()
+    assert g.grad_fn.name() == "fastreg::DropoutBackwardBackward"
+    seeded = torch.ops.fastreg.dropout_seeded(x, 0.5, state(device), 0)[0]
+    assert seeded.grad_fn.name() == "fastreg::DropoutSeededBackward"
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="the compiled library's autograd propagates tangents")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mode_ad_takes_the_tangent_through_the_same_mask(device, mode, requires_grad):
+    use_kernels(device, ("dropout_seeded", "dropout_backward"))
+    x = torch.randn(6, 33, dtype=torch.float64, device=device, requires_grad=requires_grad)
+    tangent = torch.randn(33, 6, dtype=torch.float64, device=device).t()  # another memory order than x
+    rng = state(device)
+    with fwAD.dual_level():
+        out = torch.ops.fastreg.dropout_seeded(fwAD.make_dual(x, tangent), 0.4, rng, mode)[0]
+        primal, out_tangent = fwAD.unpack_dual(out)
+    expected = torch.ops.fastreg.dropout_seeded(x.detach(), 0.4, rng, mode)[0]
+    # the mask follows memory order, so the tangent must be taken in x's order to meet the same mask
+    assert torch.equal(primal, expected)
+    assert torch.equal(out_tangent, torch.ops.fastreg.dropout_seeded(tangent.contiguous(), 0.4, rng, mode)[0])
+    assert (primal == 0).any() and (primal != 0).any()
+    if requires_grad:  # reverse mode still recorded alongside
+        (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        assert torch.equal(grad != 0, primal != 0)
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="the compiled library's autograd propagates tangents")
+@pytest.mark.parametrize("device", DEVICES)
+def test_jvp_of_dropout_matches_its_own_linear_map(device):
+    x = torch.randn(257, device=device)
+    tangent = torch.randn_like(x)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(5)
+    out, out_tangent = torch.func.jvp(lambda t: F.dropout(t, 0.3, generator=generator), (x,), (tangent,))
+    generator.manual_seed(5)
+    assert torch.equal(out, F.dropout(x, 0.3, generator=generator))
+    keep = out != 0
+    assert torch.allclose(out_tangent, torch.where(keep, tangent / 0.7, torch.zeros_like(tangent)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mode_ad_in_place_overwrites_the_tangent_through_the_same_mask(device, requires_grad):
+    base = torch.randn(300, device=device, requires_grad=requires_grad)
+    tangent = torch.randn(300, device=device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(11)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(base * 1.0, tangent.clone())
+        out = F.dropout(dual, 0.4, inplace=True, generator=generator)
+        primal, out_tangent = fwAD.unpack_dual(out)
+    assert out is dual
+    generator.manual_seed(11)
+    assert torch.equal(primal, F.dropout(base.detach(), 0.4, generator=generator))
+    generator.manual_seed(11)
+    assert torch.equal(out_tangent, F.dropout(tangent, 0.4, generator=generator))
+
+
+@pytest.mark.skipif(not REFERENCE_BACKEND, reason="the reference backend's refusal")
+def test_reference_refuses_tangents_rather_than_dropping_them():
+    x = torch.randn(8)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="fastreg.dropout: forward-mode AD"):
+        F.dropout(fwAD.make_dual(x, torch.ones_like(x)), 0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,26 +2,33 @@
 // kernels.
 //
 // fastreg/ops/dropout.py registers the same formulas with torch.library.register_autograd, to
-// the Autograd alias key: they serve every backend, the reference included. Through those
-// Python kernels a forward + backward took 94-143 us of host time on the 2-core VM, through
-// these 58-79 us (torch: 30-50 us; 64 elements, so all of it is host time). An H100 moves
-// 16M bf16 elements in and out twice in about 40 us at its memory bound (computed, not yet
-// measured), so with the Python kernels the GPU would wait for the host. Registered to the
-// runtime keys AutogradCPU and AutogradCUDA, these take precedence wherever the compiled
-// library is loaded; both are tested by the same tests (the default run takes these,
-// FASTREG_BACKEND=reference the Python ones).
-#include <torch/autograd.h>
+// the Autograd alias key: they serve every backend, the reference included, but cost tens of
+// microseconds of Python per call. Registered to the runtime keys AutogradCPU and AutogradCUDA,
+// these take precedence wherever the compiled library is loaded; both are tested by the same
+// tests (the default run takes these, FASTREG_BACKEND=reference the Python ones).
+//
+// The node is hand-written (common/autograd_node.h), not a torch::autograd::Function: on the
+// 2-core VM that took a forward + backward of 64 elements (all of it host time) from 40 to
+// 29 us, level with torch's own dropout, whose host time an H100 waits on below a few million
+// elements.
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
+#include "../common/autograd_node.h"
+#include "../common/forward_ad.h"
 #include "../common/op_handle.h"
 
 namespace fastreg {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using DropoutSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t,
@@ -42,107 +49,105 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
   return handle;
 }
 
-// Backward of all three is dropout_backward with the forward's mask and rng_state, on a
-// gradient laid out like the forward's output: the mask follows that memory order.
-void save_for_dropout_grad(AutogradContext* ctx, const at::Tensor& output, const at::Tensor& mask,
-                           const at::Tensor& rng_state, double p, int64_t mask_mode) {
-  ctx->save_for_backward({mask, rng_state});
-  // The mask and rng_state outputs get no gradient. Materialised, theirs would be zero-filled
-  // tensors made in every backward: a full-size bool mask's worth of memset in bool mode.
-  ctx->set_materialize_grads(false);
-  ctx->saved_data["p"] = p;
-  ctx->saved_data["mask_mode"] = mask_mode;
-  ctx->saved_data["sizes"] = output.sizes().vec();
-  ctx->saved_data["strides"] = output.strides().vec();
-}
+// What the three ops share: the output is the input times a fixed mask (from the saved mask
+// or the rng_state), so the map is linear and its own transpose. The gradient, the tangent of
+// forward-mode AD and the double backward are all dropout_backward with the same mask.
+struct DropoutMap {
+  double p;
+  int64_t mask_mode;
+  std::vector<int64_t> sizes, strides;  // the forward output's: the mask follows its memory order
 
-at::Tensor dropout_grad(AutogradContext* ctx, const at::Tensor& grad_output) {
-  if (!grad_output.defined()) return at::Tensor();
-  const variable_list saved = ctx->get_saved_variables();
-  const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
-  const std::vector<int64_t> strides = ctx->saved_data["strides"].toIntVector();
-  at::Tensor grad = grad_output;
-  if (grad.strides() != at::IntArrayRef(strides)) {
-    grad = at::empty_strided(sizes, strides, grad.options()).copy_(grad);
-  }
+  DropoutMap(const at::Tensor& output, double p, int64_t mask_mode)
+      : p(p), mask_mode(mask_mode), sizes(output.sizes().vec()), strides(output.strides().vec()) {}
+
   // Through the dispatcher, so that a double backward (create_graph=True) is recorded.
-  return backward_op().call(grad, saved[0], saved[1], ctx->saved_data["p"].toDouble(),
-                            ctx->saved_data["mask_mode"].toInt());
+  at::Tensor apply(const at::Tensor& t, const at::Tensor& mask, const at::Tensor& rng_state) const {
+    at::Tensor laid_out = t;
+    if (t.strides() != at::IntArrayRef(strides)) {
+      laid_out = at::empty_strided(sizes, strides, t.options()).copy_(t);
+    }
+    return backward_op().call(laid_out, mask, rng_state, p, mask_mode);
+  }
+};
+
+struct DropoutGradNode final : torch::autograd::Node {
+  DropoutGradNode(const char* name, DropoutMap map, const at::Tensor& mask, const at::Tensor& rng_state)
+      : name_(name), map_(std::move(map)), mask_(mask, false), rng_state_(rng_state, false) {}
+
+  std::string name() const override { return name_; }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // a retained graph may run backward on several threads
+    if (!grads[0].defined()) return {at::Tensor()};
+    // unpack() raises torch's "backward through the graph a second time" once released
+    return {map_.apply(grads[0], mask_.unpack(), rng_state_.unpack())};
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    mask_.reset_data();
+    rng_state_.reset_data();
+  }
+
+ private:
+  const char* name_;
+  DropoutMap map_;
+  SavedVariable mask_, rng_state_;
+};
+
+bool records_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
+
+// Gives `output` (the dropout of `input` with this mask) its history for backward and, for
+// forward-mode AD, its tangent: the input's tangent through the same mask.
+void record(const char* name, const at::Tensor& input, const at::Tensor& output, const at::Tensor& mask,
+            const at::Tensor& rng_state, double p, int64_t mask_mode) {
+  DropoutMap map(output, p, mask_mode);
+  if (has_tangent(input)) {
+    output._set_fw_grad(map.apply(input._fw_grad(0), mask, rng_state), /*level=*/0, /*is_inplace_op=*/false);
+  }
+  if (records_grad(input)) {
+    NodePtr node = make_node<DropoutGradNode>(name, std::move(map), mask, rng_state);
+    node->set_next_edges(torch::autograd::collect_next_edges(input));
+    torch::autograd::set_history(output, node);
+  }
 }
 
-struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p, int64_t mask_mode,
-                               std::optional<at::Generator> generator) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, mask, rng_state] = dropout_op().call(input, p, mask_mode, std::move(generator));
-    save_for_dropout_grad(ctx, output, mask, rng_state, p, mask_mode);
-    ctx->mark_non_differentiable({mask, rng_state});
-    return {output, mask, rng_state};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {dropout_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-struct DropoutSeededFunction : torch::autograd::Function<DropoutSeededFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p, const at::Tensor& rng_state,
-                               int64_t mask_mode) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, mask] = seeded_op().call(input, p, rng_state, mask_mode);
-    save_for_dropout_grad(ctx, output, mask, rng_state, p, mask_mode);
-    ctx->mark_non_differentiable({mask});
-    return {output, mask};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {dropout_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-// backward is linear in grad_output with the same mask: its gradient is itself.
-struct DropoutBackwardFunction : torch::autograd::Function<DropoutBackwardFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& mask,
-                            const at::Tensor& rng_state, double p, int64_t mask_mode) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor grad_input = backward_op().call(grad_output, mask, rng_state, p, mask_mode);
-    save_for_dropout_grad(ctx, grad_input, mask, rng_state, p, mask_mode);
-    return grad_input;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {dropout_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-// Without a gradient to record, the op goes straight to its kernel: no autograd node, and no
-// torch::autograd::Function, which functorch transforms (vmap's per-sample fallback) refuse.
-bool records_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
+// Without a gradient or tangent to record, each op goes straight to its kernel.
+bool differentiates(const at::Tensor& t) { return records_grad(t) || has_tangent(t); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_autograd(const at::Tensor& input, double p, int64_t mask_mode,
                                                                 std::optional<at::Generator> generator) {
-  if (!records_grad(input)) {
+  at::Tensor output, mask, rng_state;
+  {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return dropout_op().call(input, p, mask_mode, std::move(generator));
+    std::tie(output, mask, rng_state) = dropout_op().call(input, p, mask_mode, std::move(generator));
   }
-  variable_list out = DropoutFunction::apply(input, p, mask_mode, std::move(generator));
-  return {out[0], out[1], out[2]};
+  if (differentiates(input)) record("fastreg::DropoutBackward", input, output, mask, rng_state, p, mask_mode);
+  return {output, mask, rng_state};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_seeded_autograd(const at::Tensor& input, double p,
                                                            const at::Tensor& rng_state, int64_t mask_mode) {
-  if (!records_grad(input)) {
+  at::Tensor output, mask;
+  {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return seeded_op().call(input, p, rng_state, mask_mode);
+    std::tie(output, mask) = seeded_op().call(input, p, rng_state, mask_mode);
   }
-  variable_list out = DropoutSeededFunction::apply(input, p, rng_state, mask_mode);
-  return {out[0], out[1]};
+  if (differentiates(input)) record("fastreg::DropoutSeededBackward", input, output, mask, rng_state, p, mask_mode);
+  return {output, mask};
 }
 
 at::Tensor dropout_backward_autograd(const at::Tensor& grad_output, const at::Tensor& mask,
                                      const at::Tensor& rng_state, double p, int64_t mask_mode) {
-  if (!records_grad(grad_output)) {
+  at::Tensor grad_input;
+  {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return backward_op().call(grad_output, mask, rng_state, p, mask_mode);
+    grad_input = backward_op().call(grad_output, mask, rng_state, p, mask_mode);
   }
-  return DropoutBackwardFunction::apply(grad_output, mask, rng_state, p, mask_mode);
+  if (differentiates(grad_output)) {
+    record("fastreg::DropoutBackwardBackward", grad_output, grad_input, mask, rng_state, p, mask_mode);
+  }
+  return grad_input;
 }
 
 void register_dropout_autograd(torch::Library& m) {

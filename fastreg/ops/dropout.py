@@ -159,6 +159,7 @@ class InplaceDropout(torch.autograd.Function):
         mask, rng_state = torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
         ctx.mark_dirty(input)
         ctx.save_for_backward(mask, rng_state)
+        ctx.save_for_forward(mask, rng_state)
         ctx.p, ctx.mask_mode = p, mask_mode
         ctx.layout = (input.shape, dense_strides(input))  # the layout the kernel's mask follows
         return input
@@ -166,3 +167,8 @@ class InplaceDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return _backward(ctx, grad_output), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        # the map is linear: the tangent goes through the same mask, in place as its primal did
+        return tangent.copy_(_backward(ctx, tangent))
