@@ -42,17 +42,41 @@ def has_kernel(name: str, device_type: str) -> bool:
 
 
 def _device_type(args) -> str:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-        if isinstance(a, (list, tuple)):
-            for t in a:
-                if isinstance(t, torch.Tensor):
-                    return t.device.type
-    return "cpu"
+    return next((t.device.type for t in _tensors(args)), "cpu")
 
 
 _REENTRY = threading.local()
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
+#: the keys a kernel runs below; reading a tangent dispatches through them (torch asserts without)
+_AUTOGRAD_KEYS = (
+    torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+    .add(torch._C.DispatchKey.AutogradOther)
+    .add(torch._C.DispatchKey.AutogradNestedTensor)
+)
+
+
+def _refuse_tangents(name: str, args) -> None:
+    """Forward-mode AD keeps a tangent on the tensor. The reference runs below autograd, so its
+    outputs would come back without one: refuse, as the compiled ops without a tangent rule do."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
+        return
+    below = torch._C._dispatch_tls_local_exclude_set()
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), below - _AUTOGRAD_KEYS):
+        for t in _tensors(args):  # strided only: a sparse tensor's tangent cannot be read (torch asserts)
+            if t.layout == torch.strided and torch._VF._unpack_dual(t, 0)[1] is not None:
+                raise NotImplementedError(
+                    f"fastreg.{name}: forward-mode AD is not supported by the pure-PyTorch reference kernels "
+                    "(an input carries a tangent); use reverse mode (backward, torch.autograd.grad)"
+                )
 
 
 def _lazy_kernel(name: str, reference: Callable) -> Callable:
@@ -63,6 +87,7 @@ def _lazy_kernel(name: str, reference: Callable) -> Callable:
         # Inputs the compiled kernels do not take (sparse tensors, an empty tensor list) land
         # here again after the re-dispatch below: the second arrival runs the reference,
         # which gives them a result or a clear error instead of recursing.
+        _refuse_tangents(name, args)
         if getattr(_REENTRY, "active", False):
             return reference(*args, **kwargs)
         device_type = _device_type(args)

@@ -646,3 +646,17 @@ def test_training_on_an_input_without_channels_says_so(shape):
     # F.batch_norm's running-statistics check read input.shape[1] first: an IndexError.
     with pytest.raises(ValueError, match="fastreg.batch_norm: expected an input of shape"):
         fastreg.functional.batch_norm(torch.randn(shape), torch.zeros(3), torch.ones(3), training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_forward_mode_ad_is_refused_not_dropped(device, training, frozen):
+    """No tangent rule: a dual input must raise, also where nothing requires grad and the
+    autograd layer would otherwise send the call straight to its kernel."""
+    import torch.autograd.forward_ad as fwAD
+
+    bn = fastreg.BatchNorm2d(3).to(device).train(training).requires_grad_(not frozen)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=r"forward.mode AD"):
+        bn(fwAD.make_dual(x, torch.ones_like(x)))

@@ -954,3 +954,12 @@ def test_fake_kernels_raise_like_the_kernels():
             OPS.weight_penalty_backward(two, p, 0.3, 0.7)
         with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
             OPS.weight_penalty_grad_([g3, g4], p, 0.3, 0.7)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mode_ad_is_refused_not_dropped(requires_grad):
+    import torch.autograd.forward_ad as fwAD
+
+    w = torch.randn(5, requires_grad=requires_grad)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=r"forward.mode AD"):
+        penalty.weight_penalty([fwAD.make_dual(w, torch.ones_like(w))], l1=0.1, l2=0.2)

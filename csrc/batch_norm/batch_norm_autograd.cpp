@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/forward_ad.h"
 #include "../common/op_handle.h"
 
 namespace fastreg {
@@ -129,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_autograd(const 
                                                                           const std::optional<at::Tensor>& weight,
                                                                           const std::optional<at::Tensor>& bias,
                                                                           double eps) {
+  refuse_tangents("fastreg.batch_norm_train", input, weight, bias);
   if (!at::GradMode::is_enabled() || !(wants_grad(input) || wants_grad(weight) || wants_grad(bias))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return train_op().call(input, weight, bias, eps);
@@ -139,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_autograd(const 
 
 at::Tensor eval_autograd(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  refuse_tangents("fastreg.batch_norm_eval", input, running_mean, running_var, weight, bias);
   if (!at::GradMode::is_enabled() || !(wants_grad(input) || wants_grad(running_mean) || wants_grad(running_var) ||
                                        wants_grad(weight) || wants_grad(bias))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -150,6 +153,7 @@ at::Tensor eval_autograd(const at::Tensor& input, const at::Tensor& running_mean
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
                                                                  const at::Tensor& mean, const at::Tensor& invstd,
                                                                  const std::optional<at::Tensor>& weight, bool training) {
+  refuse_tangents("fastreg.batch_norm_backward", grad_output, input, mean, invstd, weight);
   if (!at::GradMode::is_enabled() || !(wants_grad(grad_output) || wants_grad(input) || wants_grad(mean) ||
                                        wants_grad(invstd) || wants_grad(weight))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

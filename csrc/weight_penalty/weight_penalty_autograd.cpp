@@ -13,6 +13,7 @@
 
 #include <vector>
 
+#include "../common/forward_ad.h"
 #include "../common/op_handle.h"
 
 namespace fastreg {
@@ -66,6 +67,7 @@ struct WeightPenaltyValueFunction : torch::autograd::Function<WeightPenaltyValue
 
 // Without a gradient to record, the op goes straight to its kernel (see dropout_autograd.cpp).
 at::Tensor value_autograd(at::TensorList params, double l1, double l2) {
+  refuse_tangents("fastreg.weight_penalty_value", params);
   bool any_requires_grad = false;
   for (const at::Tensor& p : params) any_requires_grad = any_requires_grad || p.requires_grad();
   if (!at::GradMode::is_enabled() || !any_requires_grad) {
