@@ -81,8 +81,8 @@ def _full_compile_cases(case_id: str) -> bool:
 SETS: dict[str, BenchSet] = {
     "quick": BenchSet(
         name="quick",
-        description="2-core CPU in a few minutes: dropout at 1M and 16M elements, fp32 and bf16",
-        dropout_sizes=(1 * M, 16 * M),
+        description="2-core CPU in a few minutes: dropout at 4K (host time), 1M and 16M elements, fp32 and bf16",
+        dropout_sizes=(4 * K, 1 * M, 16 * M),
         dropout_dtypes={"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16)},
         dropout_p=0.1,
         penalty_lists={"cpu": ("small", "resnet50_host"), "cuda": ("resnet50", "resnet50_host")},
