@@ -418,3 +418,11 @@ def test_backward_with_a_sparse_grad_or_rng_state_names_it():
         OPS.dropout_backward(x.to_sparse(), torch.empty(0, dtype=torch.uint8), rng, 0.5, 0)
     with pytest.raises(RuntimeError, match="fastreg.dropout_seeded: rng_state must be"):
         OPS.dropout_seeded(x, 0.5, rng.to_sparse(), 0)
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="the compiled library's autograd node")
+def test_a_memoryless_zero_gradient_passes_through_without_a_kernel_reading_it():
+    use_kernels("cpu", ("dropout", "dropout_backward"))
+    x = torch.randn(16, requires_grad=True)
+    (grad,) = torch.autograd.grad(F.dropout(x, 0.5), x, torch._efficientzerotensor(16))
+    assert torch.equal(grad, torch.zeros(16))

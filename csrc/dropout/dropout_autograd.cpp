@@ -62,6 +62,7 @@ struct DropoutMap {
 
   // Through the dispatcher, so that a double backward (create_graph=True) is recorded.
   at::Tensor apply(const at::Tensor& t, const at::Tensor& mask, const at::Tensor& rng_state) const {
+    if (t._is_zerotensor()) return t;  // autograd's memoryless zeros: nothing for a kernel to read
     at::Tensor laid_out = t;
     if (t.strides() != at::IntArrayRef(strides)) {
       laid_out = at::empty_strided(sizes, strides, t.options()).copy_(t);
@@ -103,7 +104,10 @@ void record(const char* name, const at::Tensor& input, const at::Tensor& output,
             const at::Tensor& rng_state, double p, int64_t mask_mode) {
   DropoutMap map(output, p, mask_mode);
   if (has_tangent(input)) {
-    output._set_fw_grad(map.apply(input._fw_grad(0), mask, rng_state), /*level=*/0, /*is_inplace_op=*/false);
+    const at::Tensor& tangent = input._fw_grad(/*level=*/0);
+    if (!tangent._is_zerotensor()) {  // an output without a tangent means a zero one
+      output._set_fw_grad(map.apply(tangent, mask, rng_state), /*level=*/0, /*is_inplace_op=*/false);
+    }
   }
   if (records_grad(input)) {
     NodePtr node = make_node<DropoutGradNode>(name, std::move(map), mask, rng_state);
