@@ -1,5 +1,6 @@
 """Shared test parameters."""
 
+import contextlib
 import os
 
 import pytest
@@ -54,3 +55,17 @@ def use_kernels(device: str, ops) -> None:
     loaded = load_kernels(device)
     missing = [name for name in ops if not has_kernel(name, device)]
     assert loaded and not missing, f"no {device} kernel for {missing or list(ops)}: {_loader.STATE.reason}"
+
+
+@contextlib.contextmanager
+def compiled_autograd():
+    """Backward calls inside run on compiled autograd (``torch._dynamo.config.compiled_autograd``):
+    the backward graph is captured, then compiled with ``fullgraph=True``, so a node that Dynamo
+    cannot trace (one run eagerly behind a graph break) fails the test."""
+    torch._dynamo.reset()
+    compiler = torch.compile(backend="aot_eager", fullgraph=True)
+    try:
+        with torch._dynamo.compiled_autograd._enable(compiler):
+            yield
+    finally:
+        torch._dynamo.reset()

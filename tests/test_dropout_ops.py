@@ -10,7 +10,7 @@ import fastreg
 import fastreg.functional as F
 from fastreg.testing import opcheck
 
-from .helpers import DEVICES, REFERENCE_BACKEND, DispatchedOps, use_kernels
+from .helpers import DEVICES, REFERENCE_BACKEND, DispatchedOps, compiled_autograd, use_kernels
 
 
 def state(device):
@@ -59,6 +59,25 @@ def test_compiled_library_records_its_cpp_autograd_nodes(device):
     assert g.grad_fn.name() == "fastreg::DropoutBackwardBackward"
     seeded = torch.ops.fastreg.dropout_seeded(x, 0.5, state(device), 0)[0]
     assert seeded.grad_fn.name() == "fastreg::DropoutSeededBackward"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_mode", list(F.MASK_MODES))
+def test_compiled_autograd_traces_the_backward_of_an_eager_forward(device, mask_mode):
+    """Compiled autograd records the dropout node's backward in its graph (fullgraph: no eager
+    fallback). The second step hits the cached graph and must use that step's own mask."""
+    base = torch.randn(6, 5, 4, device=device)
+    x = base.permute(2, 0, 1).requires_grad_()  # a layout whose gradient the node re-lays out
+    weight = torch.randn(4, 6, 5, device=device)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        (expected,) = torch.autograd.grad((F.dropout(x, 0.4, mask_mode=mask_mode) * weight).sum(), x)
+        torch.manual_seed(seed)
+        y = F.dropout(x, 0.4, mask_mode=mask_mode)
+        with compiled_autograd():
+            (y * weight).sum().backward()
+        assert torch.equal(x.grad, expected)
+        x.grad = None
 
 
 @pytest.mark.skipif(REFERENCE_BACKEND, reason="the compiled library's autograd propagates tangents")

@@ -59,6 +59,8 @@ struct DropoutMap {
 
   DropoutMap(const at::Tensor& output, double p, int64_t mask_mode)
       : p(p), mask_mode(mask_mode), sizes(output.sizes().vec()), strides(output.strides().vec()) {}
+  DropoutMap(double p, int64_t mask_mode, std::vector<int64_t> sizes, std::vector<int64_t> strides)
+      : p(p), mask_mode(mask_mode), sizes(std::move(sizes)), strides(std::move(strides)) {}
 
   // Through the dispatcher, so that a double backward (create_graph=True) is recorded.
   at::Tensor apply(const at::Tensor& t, const at::Tensor& mask, const at::Tensor& rng_state) const {
@@ -90,11 +92,45 @@ struct DropoutGradNode final : torch::autograd::Node {
     rng_state_.reset_data();
   }
 
+  // Compiled autograd: what its cached graph depends on, then the backward recorded as a
+  // call of dropout_grad_functional (common/autograd_node.h).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(std::string(name_));
+    args.collect(map_.p);
+    args.collect(map_.mask_mode);
+    args.collect(map_.sizes);
+    args.collect(map_.strides);
+    args.collect(mask_, /*is_output=*/false);
+    args.collect(rng_state_, /*is_output=*/false);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override;
+
  private:
   const char* name_;
   DropoutMap map_;
   SavedVariable mask_, rng_state_;
 };
+
+// The node's backward from packed state: (mask, rng_state, p, mask_mode, sizes, strides).
+variable_list dropout_grad_functional(const variable_list& grads, const std::vector<c10::IValue>& state) {
+  if (!grads[0].defined()) return {at::Tensor()};
+  DropoutMap map(state[2].toDouble(), state[3].toInt(), state[4].toIntVector(), state[5].toIntVector());
+  return {map.apply(grads[0], state[0].toTensor(), state[1].toTensor())};
+}
+
+variable_list DropoutGradNode::apply_with_saved(const variable_list& grads,
+                                                torch::dynamo::autograd::SwapSavedVariables& saved) {
+  saved.before(mask_);
+  saved.before(rng_state_);
+  const std::vector<c10::IValue> state{mask_.unpack(), rng_state_.unpack(), map_.p, map_.mask_mode, map_.sizes,
+                                       map_.strides};
+  variable_list result = record_functional_backward(*this, saved, &dropout_grad_functional, grads, state);
+  saved.after(mask_);
+  saved.after(rng_state_);
+  return result;
+}
 
 bool records_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
 
