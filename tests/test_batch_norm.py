@@ -17,7 +17,7 @@ from fastreg.reference import batch_norm as ref
 from fastreg.sync_batch_norm import SyncBatchNormFunction
 from fastreg.testing import mismatch, opcheck
 
-from .helpers import DEVICES, REFERENCE_BACKEND, DispatchedOps
+from .helpers import DEVICES, REFERENCE_BACKEND, DispatchedOps, compiled_autograd
 from .helpers import use_kernels as _use_kernels
 
 OPS = torch.ops.fastreg
@@ -500,7 +500,8 @@ def test_training_backward_makes_no_gradients_for_the_statistics(device):
     use_kernels(device)
     x = sample((4, 3, 5, 5), torch.float32, device).requires_grad_()
     w = sample((3,), torch.float32, device, seed=1).requires_grad_()
-    out = OPS.batch_norm_train(x, w, None, 1e-5)[0]
+    out, *stats = OPS.batch_norm_train(x, w, None, 1e-5)
+    assert not any(s.requires_grad for s in stats)  # statistics, not differentiable outputs
     dy = torch.ones_like(out)
     with DispatchedOps() as seen:
         out.backward(dy)
@@ -523,8 +524,29 @@ def test_compiled_library_records_its_cpp_autograd_nodes(device):
     use_kernels(device)
     bn = fastreg.BatchNorm2d(3).to(device)
     x = sample((4, 3, 5, 5), torch.float32, device).requires_grad_()
-    assert "BatchNormTrainFunction" in bn(x).grad_fn.name()
-    assert "BatchNormEvalFunction" in bn.eval()(x).grad_fn.name()
+    assert bn(x).grad_fn.name() == "fastreg::BatchNormBackward"
+    assert bn.eval()(x).grad_fn.name() == "fastreg::BatchNormEvalBackward"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_compiled_autograd_traces_the_backward_of_an_eager_forward(device, training):
+    """Compiled autograd records batch norm's backward in its graph (fullgraph: no eager
+    fallback), with the gradients of input, weight and bias that eager autograd gives."""
+    use_kernels(device)
+    bn = fastreg.BatchNorm2d(3).to(device).train(training)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = sample((4, 3, 5, 5), torch.float32, device).to(memory_format=torch.channels_last).requires_grad_()
+    dy = sample((4, 3, 5, 5), torch.float32, device, seed=3)
+    targets = (x, bn.weight, bn.bias)
+    expected = torch.autograd.grad(bn(x), targets, dy)
+    out = bn(x)
+    with compiled_autograd():
+        out.backward(dy)
+    for target, grad in zip(targets, expected):
+        torch.testing.assert_close(target.grad, grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("training", [True, False])

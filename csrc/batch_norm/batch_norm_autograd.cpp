@@ -3,16 +3,27 @@
 // runtime keys AutogradCPU and AutogradCUDA, which take precedence over the Python ones (the
 // Autograd alias key) wherever this library is loaded. Why: see csrc/dropout/dropout_autograd.cpp.
 // fastreg.BatchNorm2d's training forward on a small input took 69-113 us of host time through
-// the Python kernels, 41-46 us through these (2-core VM); the GPU set's (128,512,7,7) fp32 layer
-// needs about 30 us for forward + backward at an H100's memory bound. The pieces SyncBatchNorm composes (stats, elemt,
-// backward_reduce, backward_elemt) keep the Python formulas: a collective runs between them.
+// the Python kernels, 41-46 us through a torch::autograd::Function (2-core VM); the GPU set's
+// (128,512,7,7) fp32 layer needs about 30 us for forward + backward at an H100's memory bound.
+// The node is hand-written (common/autograd_node.h), as dropout's is: a BatchNorm2d forward +
+// backward on a (2,4,2,2) input took 77.6-78.1 us through the torch::autograd::Function it
+// replaced and 61.4-62.0 us through it (torch 51-54 us); in eval 70.3-70.5 -> 58.2-59.0 us
+// (torch 42-44 us). The pieces SyncBatchNorm composes (stats, elemt, backward_reduce,
+// backward_elemt) keep the Python formulas: a collective runs between them.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <array>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
+#include "../common/autograd_node.h"
 #include "../common/forward_ad.h"
 #include "../common/op_handle.h"
 
@@ -20,6 +31,7 @@ namespace fastreg {
 namespace {
 
 using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using TrainSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
@@ -47,71 +59,120 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
 bool wants_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 bool wants_grad(const std::optional<at::Tensor>& t) { return t.has_value() && wants_grad(*t); }
 
-// The gradients of (input, weight, bias) that autograd asks for, from one batch_norm_backward.
-// needs_input_grad counts only the tensor arguments that were given: weight_at is where the
-// weight's would be, and the bias follows it when the weight was given.
-variable_list batch_norm_grads(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
-                               const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
-                               bool training, size_t weight_at) {
-  const bool needs_input = ctx->needs_input_grad(0);
-  const bool needs_weight = weight.defined() && ctx->needs_input_grad(weight_at);
-  const bool needs_bias =
-      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(weight.defined() ? weight_at + 1 : weight_at);
-  if (!grad_output.defined() || !(needs_input || needs_weight || needs_bias)) return {at::Tensor(), at::Tensor(), at::Tensor()};
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// What a backward needs, in compiled autograd's packed form too: (input, weight, mean, invstd in
+// training or the running variance in evaluation, training, eps, has_bias).
+enum State : size_t { kInput, kWeight, kMean, kInvstdOrVar, kTraining, kEps, kHasBias, kStateSize };
+
+// The gradients of (input, weight, bias) that `wanted` asks for, from one batch_norm_backward.
+// In evaluation the running statistics are converted here, not at every forward.
+variable_list batch_norm_grads(const at::Tensor& grad_output, const std::vector<c10::IValue>& state,
+                               std::array<bool, 3> wanted) {
+  const at::Tensor& input = state[kInput].toTensor();
+  const at::Tensor& weight = state[kWeight].toTensor();
+  const bool training = state[kTraining].toBool();
+  wanted[1] = wanted[1] && weight.defined();
+  wanted[2] = wanted[2] && state[kHasBias].toBool();
+  if (!grad_output.defined() || !(wanted[0] || wanted[1] || wanted[2])) {
+    return {at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+  at::Tensor mean = state[kMean].toTensor(), invstd = state[kInvstdOrVar].toTensor();
+  if (!training) {
+    const at::ScalarType compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    mean = mean.to(compute);
+    invstd = at::rsqrt(invstd.to(compute) + state[kEps].toDouble());
+  }
   const std::optional<at::Tensor> w = weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
   // Through the dispatcher, so that create_graph=True meets the no-double-backward error below.
   auto [grad_input, grad_weight, grad_bias] = backward_op().call(grad_output, input, mean, invstd, w, training);
-  return {needs_input ? grad_input : at::Tensor(), needs_weight ? grad_weight : at::Tensor(),
-          needs_bias ? grad_bias : at::Tensor()};
+  return {wanted[0] ? grad_input : at::Tensor(), wanted[1] ? grad_weight : at::Tensor(),
+          wanted[2] ? grad_bias : at::Tensor()};
 }
 
-// Saved mean / invstd / var are statistics, not differentiable outputs (as in
-// torch.native_batch_norm): gradients flowing into them are ignored.
-struct BatchNormTrainFunction : torch::autograd::Function<BatchNormTrainFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, double eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, mean, invstd, var] = train_op().call(input, weight, bias, eps);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    // Gradients of the statistics are ignored: materialised, they would be three zero-filled
-    // tensors (three memsets on a GPU) per backward.
-    ctx->set_materialize_grads(false);
-    return {output, mean, invstd, var};
+// Compiled autograd's form of the node's backward: the state, then the three wanted flags.
+variable_list batch_norm_grads_functional(const variable_list& grads, const std::vector<c10::IValue>& packed) {
+  const std::vector<c10::IValue> state(packed.begin(), packed.begin() + kStateSize);
+  return batch_norm_grads(grads[0], state,
+                          {packed[kStateSize].toBool(), packed[kStateSize + 1].toBool(), packed[kStateSize + 2].toBool()});
+}
+
+// The backward of batch_norm_train and batch_norm_eval, with edges to (input, weight, bias).
+// Only the normalised output gets it: the batch statistics get no gradient (as
+// torch.native_batch_norm ignores theirs), so they are not differentiable outputs.
+struct BatchNormGradNode final : torch::autograd::Node {
+  BatchNormGradNode(const char* name, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
+                    const at::Tensor& invstd_or_var, bool training, double eps, bool has_bias)
+      : name_(name),
+        input_(input, false),
+        weight_(weight, false),
+        mean_(mean, false),
+        invstd_or_var_(invstd_or_var, false),
+        training_(training),
+        eps_(eps),
+        has_bias_(has_bias) {}
+
+  std::string name() const override { return name_; }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // a retained graph may run backward on several threads
+    // unpack() raises torch's "backward through the graph a second time" once released
+    return batch_norm_grads(grads[0], state(), wanted());
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    variable_list out = batch_norm_grads(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], true, 1);
-    out.emplace_back();  // eps
-    return out;
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : saved_variables()) saved->reset_data();
   }
+
+  // Compiled autograd: what its cached graph depends on, then the backward recorded as a call
+  // of batch_norm_grads_functional (common/autograd_node.h).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(std::string(name_));
+    for (const SavedVariable* saved : {&input_, &weight_, &mean_, &invstd_or_var_}) args.collect(*saved, false);
+    args.collect(training_);
+    args.collect(eps_);
+    args.collect(has_bias_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& swap) override {
+    for (SavedVariable* saved : saved_variables()) swap.before(*saved);
+    std::vector<c10::IValue> packed = state();
+    for (bool flag : wanted()) packed.emplace_back(flag);
+    variable_list result = record_functional_backward(*this, swap, &batch_norm_grads_functional, grads, packed);
+    for (SavedVariable* saved : saved_variables()) swap.after(*saved);
+    return result;
+  }
+
+ private:
+  std::array<SavedVariable*, 4> saved_variables() { return {&input_, &weight_, &mean_, &invstd_or_var_}; }
+  std::vector<c10::IValue> state() {
+    return {input_.unpack(), weight_.unpack(), mean_.unpack(), invstd_or_var_.unpack(), training_, eps_, has_bias_};
+  }
+  std::array<bool, 3> wanted() const {
+    return {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
+  }
+
+  const char* name_;
+  SavedVariable input_, weight_, mean_, invstd_or_var_;
+  bool training_;
+  double eps_;
+  bool has_bias_;
 };
 
-struct BatchNormEvalFunction : torch::autograd::Function<BatchNormEvalFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& running_mean,
-                            const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, double eps) {
-    TORCH_CHECK(!running_mean.requires_grad() && !running_var.requires_grad(),
-                "fastreg.batch_norm: gradients with respect to the running statistics are not supported");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor output = eval_op().call(input, running_mean, running_var, weight, bias, eps);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), running_mean, running_var});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["eps"] = eps;
-    return output;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::ScalarType compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const at::Tensor invstd = at::rsqrt(saved[3].to(compute) + ctx->saved_data["eps"].toDouble());
-    variable_list g = batch_norm_grads(ctx, grads[0], input, saved[1], saved[2].to(compute), invstd, false, 3);
-    return {g[0], at::Tensor(), at::Tensor(), g[1], g[2], at::Tensor()};
-  }
-};
+void record(const char* name, const at::Tensor& output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+            const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd_or_var,
+            bool training, double eps) {
+  const at::Tensor w = or_undefined(weight), b = or_undefined(bias);
+  NodePtr node = make_node<BatchNormGradNode>(name, input, w, mean, invstd_or_var, training, eps, b.defined());
+  node->set_next_edges(torch::autograd::collect_next_edges(input, w, b));
+  torch::autograd::set_history(output, node);
+}
 
 // batch_norm_backward is not differentiable, and the saved statistics carry no gradient: without
-// this node a double backward would run through them and give zeros, silently.
+// this node a double backward would run through them and give zeros, silently. Only a
+// create_graph=True backward reaches it, so its host time does not matter.
 struct BatchNormBackwardFunction : torch::autograd::Function<BatchNormBackwardFunction> {
   static variable_list forward(AutogradContext*, const at::Tensor& grad_output, const at::Tensor& input,
                                const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
@@ -131,23 +192,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_autograd(const 
                                                                           const std::optional<at::Tensor>& bias,
                                                                           double eps) {
   refuse_tangents("fastreg.batch_norm_train", input, weight, bias);
-  if (!at::GradMode::is_enabled() || !(wants_grad(input) || wants_grad(weight) || wants_grad(bias))) {
+  at::Tensor output, mean, invstd, var;
+  {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return train_op().call(input, weight, bias, eps);
+    std::tie(output, mean, invstd, var) = train_op().call(input, weight, bias, eps);
   }
-  variable_list out = BatchNormTrainFunction::apply(input, weight, bias, eps);
-  return {out[0], out[1], out[2], out[3]};
+  if (at::GradMode::is_enabled() && (wants_grad(input) || wants_grad(weight) || wants_grad(bias))) {
+    record("fastreg::BatchNormBackward", output, input, weight, bias, mean, invstd, /*training=*/true, eps);
+  }
+  return {output, mean, invstd, var};
 }
 
 at::Tensor eval_autograd(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
   refuse_tangents("fastreg.batch_norm_eval", input, running_mean, running_var, weight, bias);
-  if (!at::GradMode::is_enabled() || !(wants_grad(input) || wants_grad(running_mean) || wants_grad(running_var) ||
-                                       wants_grad(weight) || wants_grad(bias))) {
+  const bool records = at::GradMode::is_enabled() && (wants_grad(input) || wants_grad(running_mean) ||
+                                                      wants_grad(running_var) || wants_grad(weight) || wants_grad(bias));
+  TORCH_CHECK(!records || !(running_mean.requires_grad() || running_var.requires_grad()),
+              "fastreg.batch_norm: gradients with respect to the running statistics are not supported");
+  at::Tensor output;
+  {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return eval_op().call(input, running_mean, running_var, weight, bias, eps);
+    output = eval_op().call(input, running_mean, running_var, weight, bias, eps);
   }
-  return BatchNormEvalFunction::apply(input, running_mean, running_var, weight, bias, eps);
+  if (records) {
+    record("fastreg::BatchNormEvalBackward", output, input, weight, bias, running_mean, running_var,
+           /*training=*/false, eps);
+  }
+  return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,

@@ -137,13 +137,14 @@ def _backward_elemt_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_d
     return _like_input(input)
 
 
-# Autograd. The saved mean / invstd / var are statistics, not differentiable outputs (as in
-# torch.native_batch_norm): gradients flowing into them are ignored.
+# Autograd. The mean / invstd / var outputs are statistics, not differentiable outputs:
+# torch.native_batch_norm ignores gradients flowing into them; here they have no history.
 def _train_setup(ctx, inputs, output):
     input, weight, bias, _eps = inputs
     ctx.save_for_backward(input, weight, output[1], output[2])
     ctx.has_bias = bias is not None
-    ctx.set_materialize_grads(False)  # the statistics' gradients are ignored: no zeros for them
+    ctx.mark_non_differentiable(*output[1:])  # as the C++ node: the statistics get no gradient
+    ctx.set_materialize_grads(False)  # nor zero-filled ones made for them in every backward
 
 
 def _train_grad(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
