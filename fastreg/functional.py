@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from . import _loader
-from .ops import dropout as _dropout_ops
+from .ops import dropout as _dropout_ops  # noqa: F401  (defines the dropout ops and their autograd)
 from .penalty import weight_penalty  # noqa: F401  (fastreg.functional.weight_penalty)
 from .reference import batch_norm as _batch_norm_ref
 from .reference.dropout import check_input, check_p
@@ -82,7 +82,8 @@ def dropout(
     if inplace:
         if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
             return input.copy_(torch.ops.fastreg.dropout(input, p, mode, generator)[0])
-        return _dropout_ops.InplaceDropout.apply(input, p, mode, generator)
+        torch.ops.fastreg.dropout_(input, p, mode, generator)
+        return input
     return torch.ops.fastreg.dropout(input, p, mode, generator)[0]
 
 

@@ -184,17 +184,41 @@ def test_inplace_compiles_fullgraph_and_matches_eager(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_raw_inplace_op_refuses_a_tensor_whose_backward_it_cannot_record(device):
-    leaf = torch.randn(64, device=device, requires_grad=True)
+@pytest.mark.parametrize("mask_mode", [0, 1, 2])
+def test_raw_inplace_op_is_differentiable_as_torch_inplace_ops_are(device, mask_mode):
+    """dropout_ rebases the history of what it overwrites, through a view onto its base too
+    (CopySlices), and refuses a leaf that requires grad, or a view of one, before writing."""
+    leaf = torch.randn(8, 6, device=device, requires_grad=True)
     before = leaf.detach().clone()
-    for tensor in (leaf, leaf * 2):
-        with pytest.raises(RuntimeError, match=r"overwrites input, which requires grad.*inplace=True"):
-            torch.ops.fastreg.dropout_(tensor, 0.5, 0)
-    assert torch.equal(leaf.detach(), before) and leaf._version == 0  # refused before writing
+    for tensor in (leaf, leaf[:, 1:]):
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            torch.ops.fastreg.dropout_(tensor, 0.5, mask_mode)
+    assert torch.equal(leaf.detach(), before) and leaf._version == 0
+    weight = torch.randn(8, 6, device=device)
+
+    def generator():
+        return torch.Generator(device).manual_seed(3)
+
+    hidden = leaf * 2
+    torch.ops.fastreg.dropout_(hidden[:, 1:5], 0.5, mask_mode, generator())  # a strided view
+    (grad,) = torch.autograd.grad((hidden * weight).sum(), leaf)
+    doubled = leaf * 2  # the same with the out-of-place op and the same draw
+    middle = torch.ops.fastreg.dropout(doubled[:, 1:5], 0.5, mask_mode, generator())[0]
+    expected = torch.cat([doubled[:, :1], middle, doubled[:, 5:]], dim=1)
+    (expected_grad,) = torch.autograd.grad((expected * weight).sum(), leaf)
+    assert torch.equal(hidden, expected) and torch.equal(grad, expected_grad)
+
+    def step(t):
+        h = t * 2
+        torch.ops.fastreg.dropout_(h, 0.5, mask_mode)
+        return (h * weight).sum()
+
     torch._dynamo.reset()
-    compiled = torch.compile(lambda t: torch.ops.fastreg.dropout_(t * 2, 0.5, 0), fullgraph=True, backend="aot_eager")
-    with pytest.raises(Exception, match="overwrites input, which requires grad"):  # the fake refuses it too
-        compiled(leaf)
+    grads = []
+    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(5)
+        grads.append(torch.autograd.grad(run(leaf), leaf)[0])
+    assert torch.equal(*grads)
 
 
 @pytest.mark.parametrize("device", DEVICES)

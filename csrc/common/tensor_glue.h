@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "../dropout/dropout_kernels.h"
 
 namespace fastreg {
@@ -43,6 +45,12 @@ inline void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_ve
 // linearly, and empty_like() of it has the same strides, so outputs keep the memory format.
 inline at::Tensor memory_dense(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.contiguous(t.suggest_memory_format());
+}
+
+// memory_dense(t)'s strides, without copying anything.
+inline std::vector<int64_t> memory_dense_strides(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense()) return t.strides().vec();
+  return at::empty(t.sizes(), t.options().device(at::kMeta), t.suggest_memory_format()).strides().vec();
 }
 
 }  // namespace fastreg

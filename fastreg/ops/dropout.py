@@ -3,15 +3,16 @@
 rng_state is an int64 tensor (seed, offset) on the input's device: the forward op draws it
 from the device's generator (on CUDA inside the kernel, so CUDA-graph capture works) and
 returns it; backward regenerates the mask from it, so the default mode stores no mask.
-``dropout_`` overwrites its input (no output allocation, one pass over memory); its autograd
-is ``InplaceDropout`` below, since torch.library does not attach autograd to mutating ops.
+``dropout_`` overwrites its input (no output allocation, one pass over memory) and is
+differentiable as torch's in-place ops are: its autograd is registered by hand below
+(``InplaceDropout``), since torch.library does not attach autograd to mutating ops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._library import define
+from .._library import LIBRARY, define
 from ..memory_format import dense_strides, memory_dense
 from ..reference import dropout as ref
 from ..reference.in_place import check_overwritable
@@ -151,12 +152,17 @@ torch.library.register_autograd(
 
 
 class InplaceDropout(torch.autograd.Function):
-    """Autograd of ``fastreg::dropout_``: the input becomes the output (``mark_dirty``) and
-    backward needs only the mask or the rng_state, never the overwritten values."""
+    """Autograd of ``fastreg::dropout_`` on the reference backend: the input becomes the output
+    (``mark_dirty``) and backward needs only the mask or the rng_state, never the overwritten
+    values. The compiled library registers the same in C++ (csrc/dropout/dropout_autograd.cpp)."""
 
     @staticmethod
-    def forward(ctx, input, p, mask_mode, generator):
-        mask, rng_state = torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
+    def forward(ctx, input, p, mask_mode, generator, drawn):
+        with torch._C._AutoDispatchBelowAutograd():
+            mask, rng_state = torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
+        # Returned through `drawn`, not as outputs: autograd refuses a Function that overwrites
+        # a view and returns more than that view.
+        drawn.extend((mask, rng_state))
         ctx.mark_dirty(input)
         ctx.save_for_backward(mask, rng_state)
         ctx.save_for_forward(mask, rng_state)
@@ -166,9 +172,30 @@ class InplaceDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _backward(ctx, grad_output), None, None, None
+        return _backward(ctx, grad_output), None, None, None, None
 
     @staticmethod
     def jvp(ctx, tangent, *_):
         # the map is linear: the tangent goes through the same mask, in place as its primal did
         return tangent.copy_(_backward(ctx, tangent))
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    return torch.autograd.forward_ad._current_level >= 0 and torch._VF._unpack_dual(t, 0)[1] is not None
+
+
+@torch.library.impl(LIBRARY, "dropout_", "Autograd")
+def _dropout_inplace_autograd(input, p, mask_mode, generator=None):
+    # torch.library attaches no autograd to a mutating op: this is registered by hand.
+    records = torch.is_grad_enabled() and input.requires_grad
+    if records:  # torch's check_inplace, before anything is written (mark_dirty checks only after)
+        if input.is_leaf:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+        if input._base is not None and input._base.is_leaf:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
+    if records or _has_tangent(input):
+        drawn = []
+        InplaceDropout.apply(input, p, mask_mode, generator, drawn)
+        return tuple(drawn)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastreg.dropout_(input, p, mask_mode, generator)

@@ -1,10 +1,12 @@
 """What an op that overwrites a tensor owes autograd, which torch gives its own in-place ops.
 
-fastreg's mutating ops (``dropout_``, ``weight_penalty_grad_``) record no backward: the public
-wrappers that need one (``InplaceDropout``) call them with grad mode off. Called directly, they
-must refuse a tensor whose backward they would lose, and bump the version counter of what they
-overwrite, so that autograd refuses a backward that needs the old values instead of reading the
-new ones. The C++ glue does the same (csrc/common/tensor_glue.h), with the same messages.
+The kernels of fastreg's mutating ops (``dropout_``, ``weight_penalty_grad_``) record no
+backward: ``dropout_``'s autograd kernels (``InplaceDropout``, and its C++ twin) call them with
+grad mode off, and ``weight_penalty_grad_`` has none by design. Reached with grad mode on, they
+must refuse a tensor whose backward they would lose, and they bump the version counter of what
+they overwrite, so that autograd refuses a backward that needs the old values instead of
+reading the new ones. The C++ glue does the same (csrc/common/tensor_glue.h), with the same
+messages.
 """
 
 from __future__ import annotations
