@@ -24,13 +24,6 @@ def _mask_mode(mask_mode: str) -> int:
         raise ValueError(f"mask_mode must be one of {sorted(MASK_MODES)}, got {mask_mode!r}") from None
 
 
-def _load_before_dispatch(input: torch.Tensor) -> None:
-    """Loads the compiled kernels before the first call dispatches, so that it takes their C++
-    autograd (with its forward-mode AD) and not the reference's Python one."""
-    if not torch.compiler.is_compiling() and not _loader.STATE.attempted:
-        _loader.load_kernels(input.device.type)
-
-
 def dropout_with_mask(
     input: torch.Tensor,
     p: float = 0.5,
@@ -45,7 +38,7 @@ def dropout_with_mask(
     if mode == MASK_MODES["regenerate"]:
         raise ValueError("dropout_with_mask needs mask_mode 'bool' or 'bits'")
     check_input(input)
-    _load_before_dispatch(input)
+    _loader.load_before_dispatch(input.device.type)
     if not training:
         keep = torch.ones_like(input, dtype=torch.bool)
         return input, keep if mode == MASK_MODES["bool"] else _ones_bits(input)
@@ -78,7 +71,7 @@ def dropout(
     if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
         return input
     check_input(input)
-    _load_before_dispatch(input)
+    _loader.load_before_dispatch(input.device.type)
     if inplace:
         if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
             return input.copy_(torch.ops.fastreg.dropout(input, p, mode, generator)[0])
@@ -193,6 +186,8 @@ def batch_norm(
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not torch.jit.is_scripting():  # TorchScript compiles this function with the modules
+        _loader.load_before_dispatch(input.device.type)
     if not training:
         if running_mean is None or running_var is None:
             raise RuntimeError("fastreg.batch_norm: running_mean and running_var must be given in evaluation mode")

@@ -285,3 +285,22 @@ def test_compiled_library_depends_on_the_shared_libstdcxx():
         pytest.skip("no compiled library in this process")
     linked = subprocess.run(["ldd", _loader.STATE.library], capture_output=True, text=True, check=True).stdout
     assert "libstdc++.so" in linked, linked
+
+
+FIRST_CALLS = {
+    "dropout": "fastreg.functional.dropout(x, 0.5)",
+    "batch_norm": "fastreg.BatchNorm2d(3)(x.view(2, 3, 2, 2))",
+    "weight_penalty": "fastreg.weight_penalty([x], l2=0.1)",
+}
+
+
+@pytest.mark.skipif(_loader.requested_backend() == "reference", reason="the compiled library's autograd")
+@pytest.mark.parametrize("function", list(FIRST_CALLS))
+def test_a_process_first_call_records_the_compiled_librarys_autograd_node(function):
+    """The first call in a process loads the compiled library before its op dispatches, so it
+    records the C++ node (less host time; dropout's tangents) and not the reference's Python
+    one, which the lazy load would otherwise leave on that call's graph."""
+    call = FIRST_CALLS[function]
+    script = f"import torch, fastreg; x = torch.randn(24, requires_grad=True); print(({call}).grad_fn.name())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().startswith("fastreg::"), result.stdout
