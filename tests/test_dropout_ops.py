@@ -80,6 +80,23 @@ def test_compiled_autograd_traces_the_backward_of_an_eager_forward(device, mask_
         x.grad = None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_autograd_traces_in_place_dropout_on_a_view(device):
+    """In place on a view, the node runs inside CopySlices, which compiled autograd traces too."""
+    leaf = torch.randn(8, 6, device=device, requires_grad=True)
+    weight = torch.randn(8, 6, device=device)
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        hidden = leaf * 2
+        F.dropout(hidden[:, 1:5], 0.5, inplace=True)
+        with compiled_autograd() if compiled else contextlib.nullcontext():
+            (hidden * weight).sum().backward()
+        grads.append(leaf.grad)
+        leaf.grad = None
+    assert torch.equal(*grads)
+
+
 @pytest.mark.skipif(REFERENCE_BACKEND, reason="the compiled library's autograd propagates tangents")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", [0, 1, 2])
