@@ -530,17 +530,19 @@ def test_compiled_library_records_its_cpp_autograd_nodes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
-def test_compiled_autograd_traces_the_backward_of_an_eager_forward(device, training):
+@pytest.mark.parametrize("affine", [True, False])
+def test_compiled_autograd_traces_the_backward_of_an_eager_forward(device, training, affine):
     """Compiled autograd records batch norm's backward in its graph (fullgraph: no eager
     fallback), with the gradients of input, weight and bias that eager autograd gives."""
     use_kernels(device)
-    bn = fastreg.BatchNorm2d(3).to(device).train(training)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
+    bn = fastreg.BatchNorm2d(3, affine=affine).to(device).train(training)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
     x = sample((4, 3, 5, 5), torch.float32, device).to(memory_format=torch.channels_last).requires_grad_()
     dy = sample((4, 3, 5, 5), torch.float32, device, seed=3)
-    targets = (x, bn.weight, bn.bias)
+    targets = (x, bn.weight, bn.bias) if affine else (x,)
     expected = torch.autograd.grad(bn(x), targets, dy)
     out = bn(x)
     with compiled_autograd():
