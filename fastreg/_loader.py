@@ -95,12 +95,13 @@ def load_kernels(device_type: str = "cpu") -> bool:
     return STATE.library is not None
 
 
-def load_before_dispatch(device_type: str) -> None:
-    """Loads the compiled kernels before an op's first call dispatches, so that the call records
-    their C++ autograd node (less host time; dropout's forward-mode AD) and not the reference's
-    Python one. Not while torch.compile traces: the compiled graph is what runs."""
+def load_before_dispatch(input: torch.Tensor) -> None:
+    """Loads the compiled kernels before an op's first call on ``input`` dispatches, so that the
+    call records their C++ autograd node (less host time; dropout's forward-mode AD) and not the
+    reference's Python one. Not while torch.compile traces: the compiled graph is what runs.
+    Called on every call: after the first, one attribute read (not ``input.device``, 0.3 us)."""
     if not STATE.attempted and not torch.compiler.is_compiling():
-        load_kernels(device_type)
+        load_kernels(input.device.type)
 
 
 def _load_once() -> None:

@@ -38,7 +38,7 @@ def dropout_with_mask(
     if mode == MASK_MODES["regenerate"]:
         raise ValueError("dropout_with_mask needs mask_mode 'bool' or 'bits'")
     check_input(input)
-    _loader.load_before_dispatch(input.device.type)
+    _loader.load_before_dispatch(input)
     if not training:
         keep = torch.ones_like(input, dtype=torch.bool)
         return input, keep if mode == MASK_MODES["bool"] else _ones_bits(input)
@@ -71,7 +71,7 @@ def dropout(
     if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
         return input
     check_input(input)
-    _loader.load_before_dispatch(input.device.type)
+    _loader.load_before_dispatch(input)
     if inplace:
         if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
             return input.copy_(torch.ops.fastreg.dropout(input, p, mode, generator)[0])
@@ -187,7 +187,7 @@ def batch_norm(
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not torch.jit.is_scripting():  # TorchScript compiles this function with the modules
-        _loader.load_before_dispatch(input.device.type)
+        _loader.load_before_dispatch(input)
     if not training:
         if running_mean is None or running_var is None:
             raise RuntimeError("fastreg.batch_norm: running_mean and running_var must be given in evaluation mode")

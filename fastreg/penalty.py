@@ -122,7 +122,7 @@ def weight_penalty(params: Iterable[torch.Tensor], l1: float = 0.0, l2: float = 
     groups = _by_device(params)
     if not groups:
         return torch.zeros((), dtype=torch.float32)
-    _loader.load_before_dispatch(groups[0][0].device.type)
+    _loader.load_before_dispatch(groups[0][0])
     return _sum_values([torch.ops.fastreg.weight_penalty_value(group, l1, l2) for group in groups])
 
 
