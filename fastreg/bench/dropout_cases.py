@@ -201,22 +201,24 @@ def cases(bench_set: BenchSet, device: str, with_compile: Callable[[str], bool])
                 names = ["torch_eager"] + (["torch_compile"] if with_compile(case.id) else [])
                 names += ["fastreg", "fastreg_bits", "fastreg_bool", "reference", *COPY_IMPLS]
                 found.append(dataclasses.replace(case, impl_names=tuple(names)))
+    # In place matters for memory at the largest size, and for host time at the smallest.
+    inplace_sizes = sorted({min(bench_set.dropout_sizes), max(bench_set.dropout_sizes)})
     for dtype in bench_set.dropout_dtypes[torch.device(device).type]:
-        n = max(bench_set.dropout_sizes)  # in place matters for memory: the largest size only
-        found.append(
-            Case(
-                "dropout",
-                "fwd_inplace",
-                dtype,
-                size_label(n),
-                n,
-                device,
-                ("torch_eager", "fastreg", *COPY_IMPLS),
-                "torch_eager",
-                build,
-                params,
+        for n in inplace_sizes:
+            found.append(
+                Case(
+                    "dropout",
+                    "fwd_inplace",
+                    dtype,
+                    size_label(n),
+                    n,
+                    device,
+                    ("torch_eager", "fastreg", *COPY_IMPLS),
+                    "torch_eager",
+                    build,
+                    params,
+                )
             )
-        )
     return found
 
 
