@@ -12,6 +12,7 @@
 // backward_elemt) keep the Python formulas: a collective runs between them.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
@@ -30,7 +31,6 @@
 namespace fastreg {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
@@ -171,20 +171,19 @@ void record(const char* name, const at::Tensor& output, const at::Tensor& input,
 }
 
 // batch_norm_backward is not differentiable, and the saved statistics carry no gradient: without
-// this node a double backward would run through them and give zeros, silently. Only a
-// create_graph=True backward reaches it, so its host time does not matter.
-struct BatchNormBackwardFunction : torch::autograd::Function<BatchNormBackwardFunction> {
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_output, const at::Tensor& input,
-                               const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                               bool training) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_input, grad_weight, grad_bias] = backward_op().call(grad_output, input, mean, invstd, weight, training);
-    return {grad_input, grad_weight, grad_bias};
+// a node on its outputs a double backward would run through them and give zeros, silently. The
+// node is torch's Error node (a torch::autograd::Function would be refused inside torch.func,
+// whose grad always records the backward). Only a create_graph=True backward reaches it.
+void record_no_double_backward(const std::tuple<at::Tensor, at::Tensor, at::Tensor>& grads, const at::Tensor& grad_output,
+                               const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                               const std::optional<at::Tensor>& weight) {
+  NodePtr node = make_node<torch::autograd::Error>(
+      "fastreg.batch_norm: double backward is not supported",
+      torch::autograd::collect_next_edges(grad_output, input, mean, invstd, or_undefined(weight)));
+  for (const at::Tensor& grad : {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)}) {
+    if (grad.defined()) torch::autograd::set_history(grad, node);
   }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "fastreg.batch_norm: double backward is not supported");
-  }
-};
+}
 
 // Without a gradient to record, the op goes straight to its kernel (see dropout_autograd.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_autograd(const at::Tensor& input,
@@ -231,8 +230,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(const at::Tenso
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return backward_op().call(grad_output, input, mean, invstd, weight, training);
   }
-  variable_list out = BatchNormBackwardFunction::apply(grad_output, input, mean, invstd, weight, training);
-  return {out[0], out[1], out[2]};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    grads = backward_op().call(grad_output, input, mean, invstd, weight, training);
+  }
+  record_no_double_backward(grads, grad_output, input, mean, invstd, weight);
+  return grads;
 }
 
 void register_batch_norm_autograd(torch::Library& m) {

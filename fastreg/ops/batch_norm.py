@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._library import define
+from .._library import define, register_autograd
 from ..memory_format import memory_dense
 from ..reference import batch_norm as ref
 
@@ -173,7 +173,7 @@ def _needs(ctx, training):
     return (n[0], n[1], n[2]) if training else (n[0], n[3], n[4])
 
 
-torch.library.register_autograd("fastreg::batch_norm_train", _train_grad, setup_context=_train_setup)
+register_autograd("batch_norm_train", _train_grad, setup_context=_train_setup)
 
 
 def _eval_setup(ctx, inputs, output):
@@ -195,7 +195,7 @@ def _eval_grad(ctx, grad_output):
     return grad_input, None, None, grad_weight, grad_bias, None
 
 
-torch.library.register_autograd("fastreg::batch_norm_eval", _eval_grad, setup_context=_eval_setup)
+register_autograd("batch_norm_eval", _eval_grad, setup_context=_eval_setup)
 
 
 # The backward ops are not differentiable, and the saved statistics carry no gradient: without
@@ -205,7 +205,7 @@ def _no_double_backward(ctx, *grads):
 
 
 for _name in ("batch_norm_backward", "batch_norm_backward_reduce", "batch_norm_backward_elemt"):
-    torch.library.register_autograd(f"fastreg::{_name}", _no_double_backward)
+    register_autograd(_name, _no_double_backward)
 
 
 @torch.library.register_fake("fastreg::batch_norm_update_stats_")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._library import LIBRARY, define
+from .._library import LIBRARY, apply_function, define, grad_for_lower_levels, register_autograd
 from ..memory_format import dense_strides, memory_dense
 from ..reference import dropout as ref
 from ..reference.in_place import check_overwritable
@@ -96,7 +96,7 @@ def in_layout(grad: torch.Tensor, like_size, like_stride) -> torch.Tensor:
     """grad laid out with the forward output's strides: the mask is indexed in that memory order."""
     if tuple(grad.stride()) == tuple(like_stride):
         return grad
-    return torch.empty_strided(like_size, like_stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+    return grad.new_empty_strided(like_size, like_stride).copy_(grad)  # a method: batched under vmap
 
 
 def _setup_forward(ctx, p, mask_mode, output, mask, rng_state):
@@ -144,11 +144,9 @@ def _dropout_backward_grad(ctx, grad_grad_input):
     return _backward(ctx, grad_grad_input), None, None, None, None
 
 
-torch.library.register_autograd("fastreg::dropout", _dropout_grad, setup_context=_dropout_setup)
-torch.library.register_autograd("fastreg::dropout_seeded", _dropout_seeded_grad, setup_context=_dropout_seeded_setup)
-torch.library.register_autograd(
-    "fastreg::dropout_backward", _dropout_backward_grad, setup_context=_dropout_backward_setup
-)
+register_autograd("dropout", _dropout_grad, setup_context=_dropout_setup)
+register_autograd("dropout_seeded", _dropout_seeded_grad, setup_context=_dropout_seeded_setup)
+register_autograd("dropout_backward", _dropout_backward_grad, setup_context=_dropout_backward_setup)
 
 
 class InplaceDropout(torch.autograd.Function):
@@ -158,7 +156,7 @@ class InplaceDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, p, mask_mode, generator, drawn):
-        with torch._C._AutoDispatchBelowAutograd():
+        with torch._C._AutoDispatchBelowAutograd(), grad_for_lower_levels():
             mask, rng_state = torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
         # Returned through `drawn`, not as outputs: autograd refuses a Function that overwrites
         # a view and returns more than that view.
@@ -195,7 +193,7 @@ def _dropout_inplace_autograd(input, p, mask_mode, generator=None):
             raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
     if records or _has_tangent(input):
         drawn = []
-        InplaceDropout.apply(input, p, mask_mode, generator, drawn)
+        apply_function(InplaceDropout, (input, p, mask_mode, generator, drawn))
         return tuple(drawn)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.fastreg.dropout_(input, p, mask_mode, generator)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._library import LIBRARY, define
+from .._library import LIBRARY, define, register_autograd
 from ..memory_format import memory_dense
 from ..reference import weight_penalty as ref
 
@@ -101,5 +101,5 @@ def _backward_grad(ctx, grads_of_outputs):
     return grad_go.to(grad_output.dtype).reshape(grad_output.shape), grad_params, None, None
 
 
-torch.library.register_autograd("fastreg::weight_penalty_value", _value_grad, setup_context=_value_setup)
-torch.library.register_autograd("fastreg::weight_penalty_backward", _backward_grad, setup_context=_backward_setup)
+register_autograd("weight_penalty_value", _value_grad, setup_context=_value_setup)
+register_autograd("weight_penalty_backward", _backward_grad, setup_context=_backward_setup)
