@@ -74,7 +74,7 @@ struct DropoutMap {
     if (t._is_zerotensor()) return t;  // autograd's memoryless zeros: nothing for a kernel to read
     at::Tensor laid_out = t;
     if (t.strides() != at::IntArrayRef(strides)) {
-      laid_out = at::empty_strided(sizes, strides, t.options()).copy_(t);
+      laid_out = t.new_empty_strided(sizes, strides).copy_(t);  // a method: batched under vmap
     }
     return backward_op().call(laid_out, mask, rng_state, p, mask_mode);
   }
