@@ -1,0 +1,273 @@
+"""torch.func transforms over fastreg's ops: grad, vjp, jacrev, and vmap with its randomness option.
+
+Every test runs on both backends (the compiled kernels' C++ autograd, and the reference's Python
+autograd registered by fastreg._library.register_autograd) and compares with an independent
+oracle: torch.autograd on the same call, or the op called sample by sample.
+"""
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jacrev, vjp, vmap
+
+import fastreg
+import fastreg.functional as F
+from fastreg.ops.dropout_vmap import RANDOMNESS_ERROR
+from tests.helpers import DEVICES, REFERENCE_BACKEND
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+def _gen(device, seed=7):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_mode", list(F.MASK_MODES))
+def test_func_grad_of_dropout_matches_autograd(device, mask_mode):
+    x = torch.randn(6, 5, dtype=torch.float64, device=device)
+    w = torch.randn(6, 5, dtype=torch.float64, device=device)
+
+    def loss(t):
+        return (F.dropout(t, 0.4, generator=_gen(device), mask_mode=mask_mode) * w).sum()
+
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(loss(leaf), leaf)[0]
+    assert torch.equal(grad(loss)(x), expected)
+    _, pullback = vjp(lambda t: F.dropout(t, 0.4, generator=_gen(device), mask_mode=mask_mode), x)
+    assert torch.equal(pullback(w)[0], expected)
+    jac = jacrev(lambda t: F.dropout(t, 0.4, generator=_gen(device), mask_mode=mask_mode))(x)
+    assert torch.equal(torch.einsum("ijkl,ij->kl", jac, w), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_func_grad_of_batch_norm_matches_autograd(device, training):
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, device=device)
+    weight = torch.randn(3, dtype=torch.float64, device=device)
+    bias = torch.randn(3, dtype=torch.float64, device=device)
+    mean = torch.randn(3, dtype=torch.float64, device=device)
+    var = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+
+    def loss(t, w, b):
+        return F.batch_norm(t, mean.clone(), var.clone(), w, b, training=training).pow(2).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    got = grad(loss, argnums=(0, 1, 2))(x, weight, bias)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_func_double_grad_of_batch_norm_names_the_limit():
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss(t):
+        return F.batch_norm(t, None, None, training=True).pow(3).sum()
+
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        grad(lambda t: grad(loss)(t).sum())(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_grad_and_hessian_of_weight_penalty(device):
+    params = [torch.randn(3, 4, dtype=torch.float64, device=device), torch.randn(5, dtype=torch.float64, device=device)]
+
+    def penalty(a, b):
+        return fastreg.weight_penalty([a, b], l1=0.1, l2=0.3)
+
+    got = grad(penalty, argnums=(0, 1))(*params)
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, 0.1 * p.sign() + 0.6 * p, rtol=1e-12, atol=0)
+    hessian = jacrev(grad(penalty))(*params)  # double backward: d/da (l1 sign(a) + 2 l2 a) = 2 l2 I
+    torch.testing.assert_close(hessian, 0.6 * torch.eye(12, dtype=torch.float64, device=device).reshape(3, 4, 3, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_hessian_through_dropout(device):
+    # grad of grad: the outer level must see the inner backward (a forward run without grad
+    # mode at the inner level once hid it, and the Hessian came out as zeros)
+    x = torch.randn(6, dtype=torch.float64, device=device)
+    w = torch.randn(6, dtype=torch.float64, device=device)
+
+    def f(t):
+        return (F.dropout(t, 0.5, generator=_gen(device)) ** 2 * w).sum()
+
+    scale = F.dropout(torch.ones_like(x), 0.5, generator=_gen(device))
+    torch.testing.assert_close(jacrev(grad(f))(x), torch.diag(2 * scale**2 * w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_grad_of_inplace_dropout(device):
+    x = torch.randn(6, dtype=torch.float64, device=device)
+    w = torch.randn(6, dtype=torch.float64, device=device)
+    scale = F.dropout(torch.ones_like(x), 0.5, generator=_gen(device))
+    got = grad(lambda t: (F.dropout(t * 1, 0.5, inplace=True, generator=_gen(device)) * w).sum())(x)
+    assert torch.equal(got, scale * w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_jvp_propagates_or_refuses_never_drops_tangents(device):
+    x = torch.randn(6, dtype=torch.float64, device=device)
+    t = torch.randn(6, dtype=torch.float64, device=device)
+    scale = F.dropout(torch.ones_like(x), 0.5, generator=_gen(device))
+    # in place: a tangent rule on both backends
+    _, tangent = torch.func.jvp(lambda v: F.dropout(v * 1, 0.5, inplace=True, generator=_gen(device)), (x,), (t,))
+    assert torch.equal(tangent, scale * t)
+    out_of_place = lambda v: F.dropout(v, 0.5, generator=_gen(device))  # noqa: E731
+    if REFERENCE_BACKEND:  # the reference's Python autograd has no tangent rule: it says so
+        with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
+            torch.func.jvp(out_of_place, (x,), (t,))
+    else:
+        assert torch.equal(torch.func.jvp(out_of_place, (x,), (t,))[1], scale * t)
+    for fn in (
+        lambda v: fastreg.weight_penalty([v], l2=1.0),
+        lambda v: F.batch_norm(v.view(2, 3), None, None, training=True),
+    ):
+        with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
+            torch.func.jvp(fn, (x,), (t,))
+
+
+# ---- vmap: the randomness option --------------------------------------------------------------
+
+
+def _per_sample_layouts(device):
+    yield "contiguous", torch.randn(4, 6, 7, device=device)
+    yield "permuted", torch.randn(4, 7, 6, device=device).transpose(1, 2)  # each sample dense, not contiguous
+    yield "batch_dim_inside", torch.randn(6, 4, 7, device=device).transpose(0, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", ["dropout", "dropout2d_unbatched_noise"])
+def test_vmap_refuses_random_dropout_by_default_like_torch(device, fn):
+    x = torch.randn(4, 2, 3, 5, 5, device=device)  # 4 samples of (N, C, H, W)
+    f = (lambda t: F.dropout(t, 0.5)) if fn == "dropout" else (lambda t: F.dropout2d(t, 0.5))
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        vmap(f)(x)
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        vmap(lambda t: torch.nn.functional.dropout(t, 0.5))(x)  # the oracle: torch says the same
+    assert "randomness error mode" in RANDOMNESS_ERROR
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_mode", list(F.MASK_MODES))
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "batch_dim_inside"])
+def test_vmap_same_randomness_gives_every_sample_one_mask(device, mask_mode, layout):
+    x = dict(_per_sample_layouts(device))[layout]
+    x = x.abs() + 1  # no zeros: a zero output means dropped
+    w = torch.randn(6, 7, device=device)
+    out = vmap(lambda t: F.dropout(t, 0.5, mask_mode=mask_mode), randomness="same")(x)
+    keep = out != 0
+    assert all(torch.equal(keep[0], keep[i]) for i in range(1, x.shape[0]))
+    assert 0 < keep[0].sum() < keep[0].numel()
+    torch.testing.assert_close(out, x * keep * 2.0, rtol=0, atol=0)
+    torch.manual_seed(3)
+    fwd = vmap(lambda t: F.dropout(t, 0.5, mask_mode=mask_mode), randomness="same")(x)
+    torch.manual_seed(3)
+    grads = vmap(grad(lambda t: (F.dropout(t, 0.5, mask_mode=mask_mode) * w).sum()), randomness="same")(x)
+    assert torch.equal(grads, (fwd != 0) * 2.0 * w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_mode", list(F.MASK_MODES))
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "batch_dim_inside"])
+def test_vmap_different_randomness_draws_per_sample_and_backward_follows(device, mask_mode, layout):
+    x = dict(_per_sample_layouts(device))[layout].abs() + 1
+    w = torch.randn(6, 7, device=device)
+    torch.manual_seed(3)
+    fwd = vmap(lambda t: F.dropout(t, 0.5, mask_mode=mask_mode), randomness="different")(x)
+    keep = fwd != 0
+    assert not all(torch.equal(keep[0], keep[i]) for i in range(1, x.shape[0]))
+    torch.testing.assert_close(fwd, x * keep * 2.0, rtol=0, atol=0)
+    torch.manual_seed(3)
+    # per-sample gradients: a permuted sample layout used to get another mask in backward
+    grads = vmap(grad(lambda t: (F.dropout(t, 0.5, mask_mode=mask_mode) * w).sum()), randomness="different")(x)
+    assert torch.equal(grads, keep * 2.0 * w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_dropout_on_an_unbatched_tensor_follows_randomness(device):
+    ones = torch.ones(64, device=device)
+    x = torch.zeros(5, device=device)
+    different = vmap(lambda _: F.dropout(ones, 0.5), randomness="different")(x)
+    same = vmap(lambda _: F.dropout(ones, 0.5), randomness="same")(x)
+    assert different.shape == same.shape == (5, 64)
+    assert not all(torch.equal(different[0], different[i]) for i in range(1, 5))
+    assert all(torch.equal(same[0], same[i]) for i in range(1, 5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_channel_dropout_follows_randomness(device):
+    x = torch.rand(6, 2, 8, 3, 3, device=device) + 1  # 6 samples of (N=2, C=8, H, W)
+    same = vmap(lambda t: F.dropout2d(t, 0.5), randomness="same")(x)
+    different = vmap(lambda t: F.dropout2d(t, 0.5), randomness="different")(x)
+    for out in (same, different):
+        channel_kept = out[..., 0, 0] != 0
+        assert torch.equal(out != 0, channel_kept[..., None, None].expand_as(out))  # whole channels
+    assert all(torch.equal(same[0] != 0, same[i] != 0) for i in range(6))
+    assert not all(torch.equal(different[0] != 0, different[i] != 0) for i in range(6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_vmap_of_inplace_dropout(device, randomness):
+    x = torch.rand(4, 32, device=device) + 1
+    buffer = x.clone()
+    out = vmap(lambda t: F.dropout(t, 0.5, inplace=True), randomness=randomness)(buffer)
+    assert torch.equal(out, buffer)  # written in place
+    keep = buffer != 0
+    torch.testing.assert_close(buffer, x * keep * 2.0, rtol=0, atol=0)
+    rows_equal = all(torch.equal(keep[0], keep[i]) for i in range(1, 4))
+    assert rows_equal == (randomness == "same")
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        vmap(lambda t: F.dropout(t, 0.5, inplace=True))(buffer)
+
+
+def test_vmap_of_inplace_dropout_on_an_unbatched_tensor_refuses_different():
+    shared = torch.ones(8)
+    with pytest.raises(RuntimeError, match="different inplace randomness on an unbatched tensor"):
+        vmap(lambda _: F.dropout(shared, 0.5, inplace=True), randomness="different")(torch.zeros(3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_weight_penalty_is_the_per_sample_penalty(device):
+    stacked = [torch.randn(4, 3, 5, device=device), torch.randn(4, 7, device=device)]
+    shared = torch.randn(6, device=device)
+
+    def penalty(a, b):
+        return fastreg.weight_penalty([a, b, shared], l1=0.1, l2=0.2)
+
+    values = vmap(penalty)(*stacked)
+    expected = torch.stack([penalty(stacked[0][i], stacked[1][i]) for i in range(4)])
+    assert torch.equal(values, expected)  # the same op per sample: the same bits
+    grads = vmap(grad(penalty, argnums=(0, 1)))(*stacked)
+    for g, p in zip(grads, stacked):
+        torch.testing.assert_close(g, 0.1 * p.sign() + 0.4 * p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_gradients_of_a_model_with_fastreg_layers(device):
+    # The torch.func recipe for per-sample gradients (as in DP-SGD), over fastreg's modules.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), fastreg.BatchNorm1d(8), torch.nn.ReLU(), fastreg.Dropout(0.3), torch.nn.Linear(8, 1)
+    ).to(device)
+    model.eval()  # per-sample batch statistics make no sense; dropout stays random below
+    model[3].train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    x, y = torch.randn(6, 5, device=device), torch.randn(6, 1, device=device)
+
+    def loss(p, xi, yi):
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return torch.nn.functional.mse_loss(out, yi.unsqueeze(0))
+
+    torch.manual_seed(11)
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    # The oracle: each sample alone through torch.autograd, with the mask vmap drew for it
+    # (the same generator draws, sample by sample, in the same order).
+    torch.manual_seed(11)
+    for i in range(6):
+        model.zero_grad()
+        loss({k: v for k, v in model.named_parameters()}, x[i], y[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-5, atol=1e-6)
