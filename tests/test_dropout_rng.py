@@ -5,7 +5,9 @@ import math
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
+import fastreg
 import fastreg.functional as F
 from fastreg.reference import dropout as ref
 from fastreg.reference.philox import philox4x32_10
@@ -201,6 +203,29 @@ def test_fork_rng_and_explicit_generator(device):
     assert torch.equal(inside, after), "fork_rng must restore the generator state"
     g1, g2 = torch.Generator(device=device).manual_seed(5), torch.Generator(device=device).manual_seed(5)
     assert torch.equal(F.dropout(x, 0.5, generator=g1), F.dropout(x, 0.5, generator=g2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_masks(device, use_reentrant):
+    # torch.utils.checkpoint saves the RNG state and restores it before recomputing the forward
+    # in backward: the recomputed masks must be the forward's, or the gradients are wrong.
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), fastreg.Dropout(0.5), torch.nn.ReLU(), fastreg.Dropout(0.3, mask_mode="bits")
+    ).to(device)
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+
+    def step(checkpointed):
+        torch.manual_seed(123)
+        block.zero_grad()
+        x.grad = None
+        y = checkpoint(block, x, use_reentrant=use_reentrant) if checkpointed else block(x)
+        y.pow(2).sum().backward()
+        return y.detach(), x.grad.clone(), block[0].weight.grad.clone()
+
+    for plain, checkpointed in zip(step(False), step(True)):
+        assert torch.equal(plain, checkpointed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
