@@ -271,3 +271,33 @@ def test_per_sample_gradients_of_a_model_with_fastreg_layers(device):
         loss({k: v for k, v in model.named_parameters()}, x[i], y[i]).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_training_batch_norm_over_an_ensemble_updates_each_models_stats(device):
+    torch.manual_seed(0)
+    models = [fastreg.BatchNorm2d(3).to(device) for _ in range(4)]
+    for m in models:
+        torch.nn.init.normal_(m.weight)
+    params, buffers = torch.func.stack_module_state(models)
+    template = fastreg.BatchNorm2d(3).to("meta")
+    x = torch.randn(4, 2, 3, 5, 5, device=device)
+    out = vmap(lambda p, b, xi: functional_call(template, (p, b), (xi,)))(params, buffers, x)
+    # the oracle: torch's BatchNorm2d, one model per sample
+    oracles = [torch.nn.BatchNorm2d(3).to(device) for _ in range(4)]
+    for oracle, m in zip(oracles, models):
+        oracle.weight.data.copy_(m.weight.data)
+    expected = torch.stack([oracle(x[i]) for i, oracle in enumerate(oracles)])
+    torch.testing.assert_close(out, expected)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(buffers[name], torch.stack([getattr(o, name) for o in oracles]))
+
+
+def test_vmap_of_training_batch_norm_with_shared_running_stats_says_what_to_do():
+    bn = fastreg.BatchNorm2d(3)
+    x = torch.randn(4, 2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="replace_all_batch_norm_modules_"):
+        vmap(bn)(x)
+    torch.func.replace_all_batch_norm_modules_(bn)  # the remedy the message names
+    expected = torch.stack([torch.nn.functional.batch_norm(x[i], None, None, training=True) for i in range(4)])
+    torch.testing.assert_close(vmap(bn)(x), expected)
