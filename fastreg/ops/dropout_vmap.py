@@ -65,11 +65,17 @@ def _batched(t: torch.Tensor, level: int) -> torch.Tensor:
     return torch._C._functorch._add_batch_dim(t, 0, level)
 
 
-def _dropout_vmap(input, p, mask_mode, generator=None):
+def _vmap_call(input: torch.Tensor) -> tuple[int, str, list[torch.Tensor], bool]:
+    """(level, randomness, each sample's input, whether the input is batched) of a random op's
+    call inside vmap; refuses the call in randomness="error" mode, as torch's random ops do."""
     level, batch_size, randomness = _vmap_level()
     if randomness == "error":
         raise RuntimeError(RANDOMNESS_ERROR)
-    samples, batched = _samples(input, level, batch_size)
+    return (level, randomness, *_samples(input, level, batch_size))
+
+
+def _dropout_vmap(input, p, mask_mode, generator=None):
+    level, randomness, samples, batched = _vmap_call(input)
     with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
         if randomness == "same" and not batched:
             return torch.ops.fastreg.dropout(input, p, mask_mode, generator)
@@ -82,10 +88,7 @@ def _dropout_vmap(input, p, mask_mode, generator=None):
 
 
 def _dropout_inplace_vmap(input, p, mask_mode, generator=None):
-    level, batch_size, randomness = _vmap_level()
-    if randomness == "error":
-        raise RuntimeError(RANDOMNESS_ERROR)
-    samples, batched = _samples(input, level, batch_size)
+    level, randomness, samples, batched = _vmap_call(input)
     with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
         if not batched:
             if randomness == "different":  # torch's words for its own in-place random ops
