@@ -90,12 +90,14 @@ variable_list batch_norm_grads(const at::Tensor& grad_output, const std::vector<
           wanted[2] ? grad_bias : at::Tensor()};
 }
 
+#if FASTREG_COMPILED_AUTOGRAD
 // Compiled autograd's form of the node's backward: the state, then the three wanted flags.
 variable_list batch_norm_grads_functional(const variable_list& grads, const std::vector<c10::IValue>& packed) {
   const std::vector<c10::IValue> state(packed.begin(), packed.begin() + kStateSize);
   return batch_norm_grads(grads[0], state,
                           {packed[kStateSize].toBool(), packed[kStateSize + 1].toBool(), packed[kStateSize + 2].toBool()});
 }
+#endif  // FASTREG_COMPILED_AUTOGRAD
 
 // The backward of batch_norm_train and batch_norm_eval, with edges to (input, weight, bias).
 // Only the normalised output gets it: the batch statistics get no gradient (as
@@ -125,6 +127,7 @@ struct BatchNormGradNode final : torch::autograd::Node {
     for (SavedVariable* saved : saved_variables()) saved->reset_data();
   }
 
+#if FASTREG_COMPILED_AUTOGRAD
   // Compiled autograd: what its cached graph depends on, then the backward recorded as a call
   // of batch_norm_grads_functional (common/autograd_node.h).
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
@@ -144,6 +147,7 @@ struct BatchNormGradNode final : torch::autograd::Node {
     for (SavedVariable* saved : saved_variables()) swap.after(*saved);
     return result;
   }
+#endif  // FASTREG_COMPILED_AUTOGRAD
 
  private:
   std::array<SavedVariable*, 4> saved_variables() { return {&input_, &weight_, &mean_, &invstd_or_var_}; }

@@ -5,7 +5,19 @@
 #pragma once
 
 #include <torch/csrc/autograd/function.h>
+#include <torch/version.h>
+
+// Compiled autograd (torch._dynamo.config.compiled_autograd) can trace a hand-written node
+// through its functional interface (PyCompilerInterface::bind_function with custom and
+// traceable functions), which torch has had since 2.7. Older releases build the nodes without
+// it: their compiled autograd says "compiled_args not implemented" for fastreg's nodes, and
+// eager autograd is unchanged.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+#define FASTREG_COMPILED_AUTOGRAD 1
 #include <torch/csrc/dynamo/compiled_autograd.h>
+#else
+#define FASTREG_COMPILED_AUTOGRAD 0
+#endif
 
 #include <cctype>
 #include <memory>
@@ -31,6 +43,7 @@ NodePtr make_node(Args&&... args) {
   }
 }
 
+#if FASTREG_COMPILED_AUTOGRAD
 // A node's backward as a plain function of its incoming gradients and its saved state.
 using FunctionalBackward = torch::autograd::variable_list (*)(const torch::autograd::variable_list& grads,
                                                               const std::vector<c10::IValue>& state);
@@ -65,5 +78,7 @@ inline torch::autograd::variable_list record_functional_backward(const torch::au
           ca::get_input_metadata(node.next_edges()));
   return compiler->call_function(saved.get_py_compiler(), "apply_functional", bound, grads, state, output_metadata);
 }
+
+#endif  // FASTREG_COMPILED_AUTOGRAD
 
 }  // namespace fastreg

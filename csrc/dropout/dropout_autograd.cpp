@@ -99,6 +99,7 @@ struct DropoutGradNode final : torch::autograd::Node {
     rng_state_.reset_data();
   }
 
+#if FASTREG_COMPILED_AUTOGRAD
   // Compiled autograd: what its cached graph depends on, then the backward recorded as a
   // call of dropout_grad_functional (common/autograd_node.h).
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
@@ -113,6 +114,7 @@ struct DropoutGradNode final : torch::autograd::Node {
 
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override;
+#endif  // FASTREG_COMPILED_AUTOGRAD
 
  private:
   const char* name_;
@@ -120,6 +122,7 @@ struct DropoutGradNode final : torch::autograd::Node {
   SavedVariable mask_, rng_state_;
 };
 
+#if FASTREG_COMPILED_AUTOGRAD
 // The node's backward from packed state: (mask, rng_state, p, mask_mode, sizes, strides).
 variable_list dropout_grad_functional(const variable_list& grads, const std::vector<c10::IValue>& state) {
   if (!grads[0].defined()) return {at::Tensor()};
@@ -138,6 +141,7 @@ variable_list DropoutGradNode::apply_with_saved(const variable_list& grads,
   saved.after(rng_state_);
   return result;
 }
+#endif  // FASTREG_COMPILED_AUTOGRAD
 
 bool records_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
 

@@ -55,10 +55,12 @@ variable_list penalty_grads(const at::Tensor& grad_value, at::TensorList params,
   return backward_op().call(grad_value, params, l1, l2);
 }
 
+#if FASTREG_COMPILED_AUTOGRAD
 // Compiled autograd's form of the node's backward: state is (params, l1, l2).
 variable_list penalty_grads_functional(const variable_list& grads, const std::vector<c10::IValue>& state) {
   return penalty_grads(grads[0], state[0].toTensorVector(), state[1].toDouble(), state[2].toDouble());
 }
+#endif  // FASTREG_COMPILED_AUTOGRAD
 
 // The backward of weight_penalty_value, hand-written (common/autograd_node.h), with an edge
 // to each parameter.
@@ -81,6 +83,7 @@ struct WeightPenaltyGradNode final : torch::autograd::Node {
     for (SavedVariable& p : params_) p.reset_data();
   }
 
+#if FASTREG_COMPILED_AUTOGRAD
   // Compiled autograd: what its cached graph depends on, then the backward recorded as a call
   // of penalty_grads_functional.
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
@@ -97,6 +100,7 @@ struct WeightPenaltyGradNode final : torch::autograd::Node {
     swap.after(params_);
     return result;
   }
+#endif  // FASTREG_COMPILED_AUTOGRAD
 
  private:
   std::vector<at::Tensor> unpack() {
