@@ -94,8 +94,8 @@ def _dropout_inplace_vmap(input, p, mask_mode, generator=None):
             if randomness == "different":  # torch's words for its own in-place random ops
                 raise RuntimeError(
                     "vmap: Cannot ask for different inplace randomness on an unbatched tensor. "
-                    "This will appear like same randomness. If this is necessary for your usage, "
-                    "please file an issue with functorch."
+                    "This will appear like same randomness. (fastreg.dropout_ would write one mask "
+                    "into a tensor that all samples share: use randomness='same', or inplace=False.)"
                 )
             return torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
         first = torch.ops.fastreg.dropout_(samples[0], p, mask_mode, generator)
