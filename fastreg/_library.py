@@ -187,12 +187,13 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable | N
     transforms (``grad``, ``vjp``, ``jacrev``, ``vmap`` of those).
 
     torch's own generates an ``autograd.Function`` that ``torch.func`` refuses ("must override
-    the setup_context staticmethod", pytorch/pytorch#170834) in every release we support. This
-    one is applied as a single-level Function inside transforms, as functorch applies the
-    autograd of one transform level: the op's autograd kernel already runs at that level, so
-    the Function must not be lifted through the transforms again. Same contract: ``setup_context(ctx, inputs,
-    output)`` and ``backward(ctx, *grads)`` returning one gradient per op argument (a list for
-    a ``Tensor[]``); ``ctx.needs_input_grad`` follows the op's arguments.
+    the setup_context staticmethod", pytorch/pytorch#170834) in every release we test, 2.5 to
+    2.13. This one is applied as a single-level Function inside transforms, as functorch
+    applies the autograd of one transform level: the op's autograd kernel already runs at that
+    level, so the Function must not be lifted through the transforms again. Same contract:
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` returning one gradient
+    per op argument (a list for a ``Tensor[]``); ``ctx.needs_input_grad`` follows the op's
+    arguments.
     """
     if _APPLY is None:
         if setup_context is None:
