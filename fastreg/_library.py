@@ -108,7 +108,7 @@ def _lazy_kernel(name: str, reference: Callable) -> Callable:
 def _single_level_apply():
     """How a generated autograd Function is applied; see register_autograd."""
     try:
-        from torch._functorch.utils import enable_single_level_autograd_function, unwrap_dead_wrappers
+        from torch._functorch.utils import enable_single_level_autograd_function
     except ImportError:  # a torch without these private helpers: plain autograd, no torch.func
         return None
 
@@ -118,7 +118,7 @@ def _single_level_apply():
             # its base class's apply records one node at the level this kernel runs at.
             with enable_single_level_autograd_function():
                 return super(torch.autograd.Function, cls).apply(*args)
-        return cls.apply(*unwrap_dead_wrappers(args))  # Function.apply, as outside torch.func
+        return cls.apply(*args)  # outside torch.func, Function.apply is the single-level one
 
     return apply
 
@@ -250,7 +250,7 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable | N
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)
         out_lengths: list = []
-        flat_out = _APPLY(generated, (lengths, out_lengths, *flat))
+        flat_out = apply_function(generated, (lengths, out_lengths, *flat))
         flat_out = flat_out if isinstance(flat_out, tuple) else (flat_out,)
         outputs = _unflatten(flat_out, out_lengths)
         return outputs if len(schema.returns) > 1 else outputs[0]
