@@ -204,11 +204,22 @@ def batch_norm(
         )
     _batch_norm_ref.check_channel(running_mean, input, "fastreg.batch_norm", "running_mean")
     _batch_norm_ref.check_channel(running_var, input, "fastreg.batch_norm", "running_var")
+    _check_no_grad_running_stat(running_mean, "running_mean")
+    _check_no_grad_running_stat(running_var, "running_var")
     output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)
     if input.numel() > 0:  # like torch: an empty batch leaves the running statistics alone
-        count = input.numel() // input.shape[1]
-        update_running_stats(running_mean, running_var, mean, var, momentum, var_scale=count / (count - 1))
+        update_running_stats(running_mean, running_var, mean, var, momentum, count=input.numel() // input.shape[1])
     return output
+
+
+def _check_no_grad_running_stat(running: torch.Tensor | None, name: str) -> None:
+    # Updated in place without autograd: a running statistic that requires grad would be changed
+    # behind autograd's back (a leaf silently, a non-leaf's graph made stale). torch refuses it too.
+    if running is not None and running.requires_grad:
+        raise RuntimeError(
+            f"fastreg.batch_norm: {name} requires grad, but the running statistics are updated in place "
+            "and are not differentiable; pass a tensor that does not require grad (a buffer)"
+        )
 
 
 def _verify_batch_size(input: torch.Tensor) -> None:
@@ -222,16 +233,17 @@ def update_running_stats(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     mean: torch.Tensor,
-    unbiased_var: torch.Tensor,
+    var: torch.Tensor,
     momentum: float,
-    var_scale: float = 1.0,
+    count: int | None = None,
 ) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, in place, in the statistics'
-    precision; the batch variance is ``unbiased_var * var_scale``."""
+    precision. With ``count``, ``var`` is the biased variance of ``count`` values per channel,
+    made unbiased here (``count / (count - 1)``); without, it is unbiased already."""
     if running_mean is None or running_var is None:
         if running_mean is not None or running_var is not None:
             raise ValueError("running_mean and running_var must either both be None or neither be None")
         return
     # One op (C++ where the kernels are loaded; the formulas are the reference's): four in-place
     # calls from Python cost more host time than torch's whole batch norm on a small layer.
-    torch.ops.fastreg.batch_norm_update_stats_(running_mean, running_var, mean, unbiased_var, momentum, var_scale)
+    torch.ops.fastreg.batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, count)

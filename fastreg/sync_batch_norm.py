@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .reference.batch_norm import blended_running
+
 OPS = torch.ops.fastreg
 # torch 2.13 deprecates all_gather_into_tensor (with a FutureWarning) for this new name.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -69,3 +71,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = local_dy.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None
+
+
+@torch.no_grad()
+def update_running_stats_synced(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    total: torch.Tensor,
+    momentum: float,
+) -> None:
+    """The running statistics' update from the global ``mean`` and biased ``var`` of ``total``
+    values per channel, by the formula of ``fastreg::batch_norm_update_stats_``. A global batch
+    of fewer than 2 values leaves them as they are: none has no statistics (as an empty batch in
+    ``fastreg.BatchNorm``), one has no unbiased variance (``fastreg.BatchNorm`` raises there, which
+    would make the host wait for the device here). ``total`` stays on the device, so nothing waits."""
+    unbiased = (var * total / (total - 1)).to(mean.dtype)
+    counted = total >= 2
+    for running, batch in ((running_mean, mean), (running_var, unbiased)):
+        running.copy_(torch.where(counted, blended_running(running, batch, momentum, 1.0).to(running.dtype), running))

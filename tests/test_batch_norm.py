@@ -4,6 +4,7 @@ formats, running statistics, modules, errors, and the ops under opcheck/gradchec
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 import fastreg
 from fastreg.reference import batch_norm as ref
@@ -278,7 +280,8 @@ def test_opcheck(device):
     opcheck(OPS.batch_norm_backward.default, (dy, x, mean, invstd, w.detach(), True))
     opcheck(OPS.batch_norm_backward_reduce.default, (dy, x, mean))
     opcheck(OPS.batch_norm_backward_elemt.default, (dy, x, mean, invstd, None, mean, var, 30))
-    opcheck(OPS.batch_norm_update_stats_.default, (rm.clone(), rv.clone(), mean, var, 0.1, 30 / 29))
+    opcheck(OPS.batch_norm_update_stats_.default, (rm.clone(), rv.clone(), mean, var, 0.1, 30))
+    opcheck(OPS.batch_norm_update_stats_.default, (rm.clone(), rv.clone(), mean, var, 0.1, None))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -295,15 +298,17 @@ def test_running_statistics_update_matches_reference_bits(device, running_dtype,
     use_kernels(device)
     mean = sample((channels,), batch_dtype, device, seed=1)
     var = sample((channels,), batch_dtype, device, seed=2).abs()
-    for momentum, var_scale in ((0.1, 30 / 29), (1.0, 1.0), (0.0, 2.0), (1 / 3, 7 / 6)):
+    # count: the batch variance is biased over count values (scaled by count / (count - 1)); None: unbiased
+    for momentum, count in ((0.1, 30), (1.0, None), (0.0, 2), (1 / 3, 7)):
+        var_scale = 1.0 if count is None else count / (count - 1)
         storage = [sample((channels * step,), running_dtype, device, seed=s).abs() for s in (3, 4)]
         ours = [t[::step] for t in storage]
         theirs = [t.clone() for t in ours]
         before = [t.to(torch.float64, copy=True) for t in ours]
         versions = [t._version for t in ours]
-        OPS.batch_norm_update_stats_(*ours, mean, var, momentum, var_scale)
-        ref.batch_norm_update_stats_(*theirs, mean, var, momentum, var_scale)
-        assert mismatch(ours, theirs, exact=True) is None, (momentum, var_scale)
+        OPS.batch_norm_update_stats_(*ours, mean, var, momentum, count)
+        ref.batch_norm_update_stats_(*theirs, mean, var, momentum, count)
+        assert mismatch(ours, theirs, exact=True) is None, (momentum, count)
         assert all(t._version > v for t, v in zip(ours, versions))  # autograd sees the overwrite
         if step > 1:  # the elements between the view's are untouched
             assert torch.equal(
@@ -322,18 +327,21 @@ def test_running_statistics_update_checks_its_arguments(device):
     mean, var = torch.zeros(7, device=device), torch.ones(7, device=device)
     running_mean, running_var = torch.zeros(7, device=device), torch.ones(7, device=device)
     with pytest.raises(RuntimeError, match="running_var has shape"):
-        OPS.batch_norm_update_stats_(running_mean, running_var[:3], mean, var, 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean, running_var[:3], mean, var, 0.1, None)
     with pytest.raises(RuntimeError, match=f"running_mean is on {device}.* but the batch statistic on meta"):
-        OPS.batch_norm_update_stats_(running_mean, running_var, mean.to("meta"), var.to("meta"), 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean, running_var, mean.to("meta"), var.to("meta"), 0.1, None)
     with pytest.raises(RuntimeError, match="running_var is on meta but running_mean on"):
-        OPS.batch_norm_update_stats_(running_mean, running_var.to("meta"), mean, var.to("meta"), 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean, running_var.to("meta"), mean, var.to("meta"), 0.1, None)
     with pytest.raises(TypeError, match="running_mean has dtype"):
-        OPS.batch_norm_update_stats_(running_mean.int(), running_var, mean, var, 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean.int(), running_var, mean, var, 0.1, None)
     with pytest.raises(RuntimeError, match="running_var has stride 0"):
-        OPS.batch_norm_update_stats_(running_mean, running_var[:1].expand(7), mean, var, 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean, running_var[:1].expand(7), mean, var, 0.1, None)
     # each pair matches, the pairs do not: the CUDA kernel walked both with running_mean's count
     with pytest.raises(RuntimeError, match="running_var has 3 elements but running_mean 7"):
-        OPS.batch_norm_update_stats_(running_mean, running_var[:3], mean, var[:3], 0.1, 1.0)
+        OPS.batch_norm_update_stats_(running_mean, running_var[:3], mean, var[:3], 0.1, None)
+    for count in (1, 0, -3):  # no unbiased variance from fewer than 2 values
+        with pytest.raises(RuntimeError, match=f"count is {count}; the variance of fewer than 2 values"):
+            OPS.batch_norm_update_stats_(running_mean, running_var, mean, var, 0.1, count)
     assert torch.equal(running_mean, torch.zeros(7, device=device))
     assert torch.equal(running_var, torch.ones(7, device=device))
 
@@ -354,6 +362,46 @@ def test_module_compiles_fullgraph(device):
     torch.testing.assert_close(compiled_model[1].running_var, eager[1].running_var)
     torch.testing.assert_close(compiled_model[1].weight.grad, eager[1].weight.grad)
     assert int(compiled_model[1].num_batches_tracked) == 2
+
+
+def test_training_compiles_one_graph_for_every_batch_size():
+    """The batch size reaches the running-statistics update as a SymInt count: with a float
+    factor count / (count - 1) Dynamo made one graph per batch size and gave up after 8."""
+    use_kernels("cpu")
+    torch._dynamo.reset()
+    graphs = CompileCounter()
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), fastreg.BatchNorm2d(4))
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend=graphs, dynamic=True, fullgraph=True)
+    for n in range(2, 12):
+        x = sample((n, 3, 6, 6), torch.float32, "cpu", seed=n)
+        assert_close(compiled(x), eager(x), torch.float32)
+    assert graphs.frame_count == 1
+    for name, value in eager.state_dict().items():  # every step updated the statistics alike
+        assert_close(model.state_dict()[name].float(), value.float(), torch.float32)
+
+
+def test_training_exports_with_a_dynamic_batch_dimension():
+    use_kernels("cpu")
+    model = nn.Sequential(fastreg.BatchNorm2d(3))
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (torch.randn(4, 3, 5, 5),), dynamic_shapes={"input": {0: batch}})
+    reference = copy.deepcopy(model)
+    x = sample((9, 3, 5, 5), torch.float32, "cpu", seed=3)
+    assert_close(program.module()(x), reference(x), torch.float32)
+
+
+def test_training_refuses_running_statistics_that_require_grad():
+    """They are updated in place without autograd; torch refuses them too."""
+    use_kernels("cpu")
+    x = torch.randn(4, 3, 5, 5)
+    for name in ("running_mean", "running_var"):
+        stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+        stats[name].requires_grad_()
+        before = {k: v.detach().clone() for k, v in stats.items()}
+        with pytest.raises(RuntimeError, match=f"{name} requires grad, but the running statistics"):
+            fastreg.functional.batch_norm(x, stats["running_mean"], stats["running_var"], training=True)
+        assert all(torch.equal(stats[k].detach(), before[k]) for k in stats)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -107,6 +107,39 @@ def test_two_processes_match_the_whole_batch(tmp_path, channels_last):
     torch.testing.assert_close(sum(r["grad_b"] for r in results), grad_b, **close)
 
 
+def _few_values_worker(rank: int, store_path: str, out_dir: str) -> None:
+    """Global batches of 0 values per channel (both ranks empty), then 1 (rank 0 holds one)."""
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        bn = fastreg.SyncBatchNorm(CHANNELS, momentum=0.5)
+        with torch.no_grad():
+            bn.running_mean.fill_(5.0)
+            bn.running_var.fill_(4.0)
+        stats = []
+        for samples in ((0, 0), (1, 0)):
+            y = bn(torch.randn(samples[rank], CHANNELS, 1, 1))
+            stats.append((bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked), y.shape))
+            del y  # before the group's destruction: see _worker
+        torch.save(stats, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_fewer_than_two_values_over_all_processes_leave_the_running_statistics_alone(tmp_path):
+    """None has no statistics (an empty batch leaves them alone, as fastreg's and torch's
+    BatchNorm do), one has no unbiased variance: before, the first pulled the statistics
+    towards 0 and the second made running_var NaN."""
+    run_workers(_few_values_worker, (str(tmp_path / "store"), str(tmp_path)))
+    for rank in range(WORLD):
+        for step, (mean, var, batches, shape) in enumerate(torch.load(tmp_path / f"rank{rank}.pt")):
+            assert torch.equal(mean, torch.full((CHANNELS,), 5.0)), (rank, step)
+            assert torch.equal(var, torch.full((CHANNELS,), 4.0)), (rank, step)
+            assert batches == step + 1  # counted, as torch counts an empty batch
+            assert shape == (((0, 0), (1, 0))[step][rank], CHANNELS, 1, 1)
+
+
 def test_without_a_process_group_it_is_batch_norm():
     x, _ = whole_batch()
     sync, plain = fastreg.SyncBatchNorm(CHANNELS), nn.BatchNorm2d(CHANNELS)

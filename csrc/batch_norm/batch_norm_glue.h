@@ -195,6 +195,11 @@ void batch_norm_check_update_stats(const at::Tensor& running_mean, const at::Ten
                                    const at::Tensor& var);
 void batch_norm_blend_running_aten(const at::Tensor& running, const at::Tensor& batch, double momentum,
                                    double batch_scale);
+// The factor that makes the biased variance of `count` values per channel unbiased,
+// count / (count - 1); 1 when count is not given (the variance passed is already unbiased).
+// The op takes the count, not the factor: a float argument would be specialised by
+// torch.compile (one graph per batch size), a SymInt stays symbolic.
+double batch_norm_var_scale(std::optional<int64_t> count);
 // Whether an update kernel (CPU loop, CUDA kernel) takes this (running, batch) dtype pair:
 // float64 with float64, float32 with float32, float16 or bfloat16 running statistics with
 // float32 batch statistics (autocast). Other pairs take batch_norm_blend_running_aten.

@@ -203,9 +203,10 @@ bool running_stats_kernel_dtypes(const at::Tensor& running_mean, const at::Tenso
 }
 
 void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
-                                  const at::Tensor& var, double momentum, double var_scale) {
+                                  const at::Tensor& var, double momentum, std::optional<int64_t> count) {
   const char* op = "fastreg.batch_norm_update_stats_";
   batch_norm_check_update_stats(running_mean, running_var, mean, var);
+  const double var_scale = batch_norm_var_scale(count);
   const c10::cuda::CUDAGuard guard(cuda_device(running_mean, op));
   if (running_stats_kernel_dtypes(running_mean, running_var, mean, var)) {
     const RunningStatsArgs args{running_mean.numel(), running_mean.data_ptr(), running_var.data_ptr(),

@@ -92,9 +92,17 @@ void batch_norm_blend_running_aten(const at::Tensor& running, const at::Tensor& 
   running.copy_(running.to(batch.scalar_type()) * (1.0 - momentum) + batch * (momentum * batch_scale));
 }
 
+double batch_norm_var_scale(std::optional<int64_t> count) {
+  if (!count.has_value()) return 1.0;
+  TORCH_CHECK(*count >= 2, kOp, ": count is ", *count,
+              "; the variance of fewer than 2 values per channel has no unbiased estimate");
+  return static_cast<double>(*count) / static_cast<double>(*count - 1);
+}
+
 void batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
-                             const at::Tensor& var, double momentum, double var_scale) {
+                             const at::Tensor& var, double momentum, std::optional<int64_t> count) {
   batch_norm_check_update_stats(running_mean, running_var, mean, var);
+  const double var_scale = batch_norm_var_scale(count);
   blend(running_mean, mean, momentum, 1.0);
   blend(running_var, var, momentum, var_scale);
   // torch bumps versions at the ADInplaceOrView key, which a custom op's kernel runs below

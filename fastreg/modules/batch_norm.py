@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from .. import functional as F
-from ..sync_batch_norm import SyncBatchNormFunction
+from ..sync_batch_norm import SyncBatchNormFunction, update_running_stats_synced
 
 
 class _FastBatchNorm:
@@ -74,8 +74,7 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
             input, self.weight, self.bias, self.eps, group, world_size
         )
         if self.track_running_stats:
-            unbiased = (var * total / (total - 1)).to(mean.dtype)
-            F.update_running_stats(self.running_mean, self.running_var, mean, unbiased, factor)
+            update_running_stats_synced(self.running_mean, self.running_var, mean, var, total, factor)
         return output
 
     @classmethod

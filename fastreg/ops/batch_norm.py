@@ -54,9 +54,12 @@ define(
     ref.batch_norm_backward_elemt,
 )
 
+# `count` (values per channel behind the biased `var`; None: `var` is unbiased already) rather
+# than the factor count / (count - 1): torch.compile specialises a float argument to its value,
+# one graph per batch size, where a SymInt stays symbolic.
 define(
     "batch_norm_update_stats_",
-    "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, float momentum, float var_scale) -> ()",
+    "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, float momentum, SymInt? count) -> ()",
     ref.batch_norm_update_stats_,
 )
 
@@ -209,5 +212,5 @@ for _name in ("batch_norm_backward", "batch_norm_backward_reduce", "batch_norm_b
 
 
 @torch.library.register_fake("fastreg::batch_norm_update_stats_")
-def _update_stats_fake(running_mean, running_var, mean, var, momentum, var_scale):
+def _update_stats_fake(running_mean, running_var, mean, var, momentum, count):
     ref.check_update_stats(running_mean, running_var, mean, var)

@@ -20,7 +20,7 @@ UNBATCHED_RUNNING_STATS = (
 
 
 @torch.library.register_vmap("fastreg::batch_norm_update_stats_")
-def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, momentum, var_scale):
+def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, momentum, count):
     mean_dim, var_dim, batch_mean_dim, batch_var_dim = in_dims[:4]
     if mean_dim is None or var_dim is None:
         raise RuntimeError(UNBATCHED_RUNNING_STATS)
@@ -35,6 +35,6 @@ def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, mome
             sample(mean, batch_mean_dim, i),
             sample(var, batch_var_dim, i),
             momentum,
-            var_scale,
+            count,
         )
     return None, None

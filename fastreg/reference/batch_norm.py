@@ -259,20 +259,38 @@ def check_update_stats(running_mean, running_var, mean, var) -> None:
         )
 
 
+def blended_running(running: torch.Tensor, batch: torch.Tensor, momentum: float, batch_scale: float) -> torch.Tensor:
+    """``(1 - momentum) * running + momentum * batch_scale * batch`` in the batch statistic's
+    dtype: each product and their sum rounded in it (separate ops: no fused multiply-add), the
+    kernels' formula, bit for bit."""
+    return running.to(batch.dtype) * (1.0 - momentum) + batch * (momentum * batch_scale)
+
+
 def _blend_running(running: torch.Tensor, batch: torch.Tensor, momentum: float, batch_scale: float) -> None:
-    # Each product and their sum rounded in the batch statistic's dtype (separate ops: no fused
-    # multiply-add), the result in the running statistic's: the kernels' formula, bit for bit.
-    running.copy_(running.to(batch.dtype) * (1.0 - momentum) + batch * (momentum * batch_scale))
+    running.copy_(blended_running(running, batch, momentum, batch_scale))
 
 
-def batch_norm_update_stats_(running_mean, running_var, mean, var, momentum: float, var_scale: float) -> None:
+def var_scale(count: int | None) -> float:
+    """The factor that makes the biased variance of ``count`` values unbiased; 1 for None."""
+    if count is None:
+        return 1.0
+    if count < 2:
+        raise RuntimeError(
+            f"fastreg.batch_norm_update_stats_: count is {count}; the variance of fewer than 2 values "
+            "per channel has no unbiased estimate"
+        )
+    return count / (count - 1)
+
+
+def batch_norm_update_stats_(running_mean, running_var, mean, var, momentum: float, count: int | None) -> None:
     """``running = (1 - momentum) * running + momentum * batch`` in place, computed in the batch
-    statistics' dtype and stored in the running statistics', with ``var * var_scale`` as the batch
-    variance (var_scale = n / (n - 1) makes the biased batch variance unbiased). Bumps both
-    version counters."""
+    statistics' dtype and stored in the running statistics'. ``var`` is the biased variance of
+    ``count`` values per channel, made unbiased with ``count / (count - 1)``; with ``count=None``
+    it is unbiased already. Bumps both version counters."""
     check_update_stats(running_mean, running_var, mean, var)
+    scale = var_scale(count)
     with torch.no_grad():
         _blend_running(running_mean, mean, momentum, 1.0)
-        _blend_running(running_var, var, momentum, var_scale)
+        _blend_running(running_var, var, momentum, scale)
     bump_version(running_mean)
     bump_version(running_var)
