@@ -41,6 +41,8 @@ def _metric_value(metric, where: str) -> float:
         if metric.is_complex():
             raise TypeError(f"{where} is a complex tensor; pass a real number")
         return float(metric.detach().item())
+    if hasattr(metric, "__array__") and getattr(metric, "size", None) == 1 and hasattr(metric, "item"):
+        metric = metric.item()  # a one-element NumPy array, which ReduceLROnPlateau takes too
     if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
         raise TypeError(f"{where} must be a real number or a one-element tensor, got {type(metric).__name__}")
     return float(metric)
@@ -56,7 +58,8 @@ class EarlyStopping:
         threshold: how much better than the best a value must be to count as an improvement.
         threshold_mode: ``"abs"``: better than ``best -/+ threshold`` (Keras' ``min_delta``);
             ``"rel"``: better than ``best * (1 -/+ threshold)``, as in ``ReduceLROnPlateau``.
-        min_epochs: never stop before this many calls of :meth:`step`.
+        min_epochs: never stop for lack of improvement before this many calls of :meth:`step`
+            (a non-finite metric still stops at once with ``stop_on_nonfinite``: the run diverged).
         baseline: a value the metric must beat to count as an improvement at all; training
             stops after ``patience`` epochs that do not beat it.
         restore_best: keep a copy of ``module.state_dict()`` from the best epoch for
@@ -90,6 +93,11 @@ class EarlyStopping:
                 raise ValueError(f"EarlyStopping: {name} must be an integer >= 0, got {value!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
             raise ValueError(f"EarlyStopping: threshold must be a number >= 0, got {threshold!r}")
+        if threshold_mode == "rel" and mode == "min" and threshold >= 1:
+            # best * (1 - threshold) <= 0: only a metric below 0 (or no finite one) would ever count
+            raise ValueError(
+                f"EarlyStopping: threshold must be < 1 with threshold_mode='rel' and mode='min', got {threshold!r}"
+            )
         if baseline is not None and not math.isfinite(_metric_value(baseline, "EarlyStopping: baseline")):
             raise ValueError(f"EarlyStopping: baseline must be finite, got {baseline!r}")
         if module is not None and not isinstance(module, nn.Module):
@@ -198,6 +206,12 @@ class EarlyStopping:
         missing = [key for key in (*self._STATE_KEYS, "best_state") if key not in state]
         if missing:
             raise KeyError(f"EarlyStopping.load_state_dict: missing keys {missing}")
+        if self.restore_best and state["best_state"] is None and state["best_epoch"] is not None:
+            # restore_best_weights would say no epoch had improved, which is not what happened
+            raise ValueError(
+                "EarlyStopping.load_state_dict: the state has a best epoch but not its weights (it comes from "
+                "an EarlyStopping without restore_best=True); this one was built with restore_best=True"
+            )
         for key in self._STATE_KEYS:
             setattr(self, key, state[key])
         self._best_state = state["best_state"]

@@ -109,6 +109,22 @@ def test_tensor_metrics():
     assert stopper.epoch == 2  # the refused calls did not count
 
 
+def test_numpy_metrics():
+    np = pytest.importorskip("numpy")
+    stopper = fastreg.EarlyStopping(patience=1)
+    for value in (np.float32(3.0), np.array(2.5), np.array([2.0])):  # as ReduceLROnPlateau takes them
+        stopper.step(value)
+    assert stopper.best == 2.0 and stopper.epoch == 3
+    with pytest.raises(TypeError, match="real number"):
+        stopper.step(np.array([1.0, 2.0]))
+
+
+def test_relative_threshold_of_one_is_fine_in_max_mode():
+    stopper = fastreg.EarlyStopping(mode="max", threshold=1.0, threshold_mode="rel", patience=1)
+    assert not stopper.step(1.0) and stopper.step(1.5)  # 1.5 is not 100% better than 1.0
+    assert stopper.best == 1.0
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -119,6 +135,7 @@ def test_tensor_metrics():
         ({"min_epochs": -3}, ValueError, "min_epochs"),
         ({"threshold": -0.1}, ValueError, "threshold must be a number >= 0"),
         ({"threshold": math.nan}, ValueError, "threshold"),
+        ({"threshold": 1.0, "threshold_mode": "rel"}, ValueError, "threshold must be < 1 with threshold_mode='rel'"),
         ({"baseline": math.inf}, ValueError, "baseline must be finite"),
         ({"restore_best": True}, ValueError, "needs the module"),
     ],
@@ -181,6 +198,16 @@ def test_state_dict_resumes_the_same_decisions():
     assert resumed.reason == whole.reason
     with pytest.raises(KeyError, match="missing keys"):
         resumed.load_state_dict({"epoch": 1})
+
+
+def test_state_without_best_weights_is_refused_by_a_restoring_stopper():
+    plain = fastreg.EarlyStopping(_model())
+    plain.step(1.0)
+    restoring = fastreg.EarlyStopping(_model(), restore_best=True)
+    with pytest.raises(ValueError, match="has a best epoch but not its weights"):
+        restoring.load_state_dict(plain.state_dict())
+    assert restoring.epoch == 0  # nothing loaded
+    restoring.load_state_dict(fastreg.EarlyStopping(_model()).state_dict())  # no best epoch yet: fine
 
 
 def test_reset_forgets_the_history():
