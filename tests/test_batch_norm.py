@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounter
@@ -389,6 +390,24 @@ def test_training_exports_with_a_dynamic_batch_dimension():
     reference = copy.deepcopy(model)
     x = sample((9, 3, 5, 5), torch.float32, "cpu", seed=3)
     assert_close(program.module()(x), reference(x), torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fx_symbolic_trace_keeps_each_layer_as_one_call_module(training):
+    """torch.fx keeps torch.nn modules as leaves and traced into fastreg's forward, whose
+    branches on the input a Proxy cannot decide: converted models did not trace."""
+    use_kernels("cpu")
+    model = fastreg.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    model.train(training)
+    twin = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    calls = [(node.op, str(node.target)) for node in traced.graph.nodes if node.op not in ("placeholder", "output")]
+    assert calls == [("call_module", "0"), ("call_module", "1"), ("call_module", "2")]
+    x = sample((2, 3, 6, 6), torch.float32, "cpu")
+    assert torch.equal(traced(x), twin(x))
+    assert torch.equal(model[1].running_mean, twin[1].running_mean)  # the traced graph runs the module itself
+    with pytest.raises(RuntimeError, match="cannot trace a BatchNorm2d on its own"):
+        torch.fx.symbolic_trace(fastreg.BatchNorm2d(3))
 
 
 def test_training_refuses_running_statistics_that_require_grad():

@@ -8,9 +8,10 @@ import torch.distributed as dist
 
 from .. import functional as F
 from ..sync_batch_norm import SyncBatchNormFunction, update_running_stats_synced
+from .fx_leaf import TracedAsLeaf
 
 
-class _FastBatchNorm:
+class _FastBatchNorm(TracedAsLeaf):
     """The forward of ``torch.nn.modules.batchnorm._BatchNorm`` (momentum, cumulative average
     when ``momentum=None``, ``num_batches_tracked``, ``track_running_stats``) on fastreg's ops."""
 
@@ -24,6 +25,8 @@ class _FastBatchNorm:
         return factor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not isinstance(input, torch.Tensor):  # torch.fx tracing
+            return self._fx_call_module(input)
         self._check_input_dim(input)
         factor = self._running_stats_factor()
         # Batch statistics in training, and in eval when there are no running statistics.
@@ -63,6 +66,8 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
     ``fastreg.convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor):  # torch.fx tracing (SyncBatchNorm does not script)
+            return self._fx_call_module(input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
