@@ -514,8 +514,10 @@ def test_errors():
         OPS.batch_norm_train(torch.randn(5), None, None, 1e-5)
     with pytest.raises(RuntimeError, match="must be 1-D with 3 elements"):
         OPS.batch_norm_train(x, torch.ones(4), None, 1e-5)
-    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+    with pytest.raises(TypeError, match=r"weight has dtype torch.float64; expected torch.float32 \(the input's\)$"):
         OPS.batch_norm_train(x, torch.ones(3, dtype=torch.float64), None, 1e-5)
+    with pytest.raises(TypeError, match=r"expected torch.float16 \(the input's\) or torch.float32$"):
+        OPS.batch_norm_train(x.half(), torch.ones(3, dtype=torch.float64), None, 1e-5)
     with pytest.raises(ValueError, match="eps must be a finite number"):
         OPS.batch_norm_train(x, None, None, float("nan"))
     with pytest.raises(RuntimeError, match="grad_output has shape"):

@@ -44,10 +44,10 @@ inline void batch_norm_check_channel(const at::Tensor& t, const at::Tensor& inpu
   TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must be 1-D with ", channels,
               " elements (the input's channels), got shape ", t.sizes());
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ", input.device());
-  const at::ScalarType st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == input.scalar_type() || st == batch_norm_compute_dtype(input.scalar_type()), op, ": ", name,
-                   " has dtype ", batch_norm_dtype_name(st), "; expected ", batch_norm_dtype_name(input.scalar_type()),
-                   " (the input's) or ", batch_norm_dtype_name(batch_norm_compute_dtype(input.scalar_type())));
+  const at::ScalarType st = t.scalar_type(), own = input.scalar_type(), compute = batch_norm_compute_dtype(own);
+  TORCH_CHECK_TYPE(st == own || st == compute, op, ": ", name, " has dtype ", batch_norm_dtype_name(st), "; expected ",
+                   batch_norm_dtype_name(own), " (the input's)", compute == own ? "" : " or ",
+                   compute == own ? "" : batch_norm_dtype_name(compute));
 }
 
 inline void batch_norm_check_optional_channel(const std::optional<at::Tensor>& t, const at::Tensor& input,

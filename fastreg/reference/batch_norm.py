@@ -51,7 +51,8 @@ def check_channel(t: torch.Tensor | None, input: torch.Tensor, op: str, name: st
         raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}")
     compute = compute_dtype(input.dtype)
     if t.dtype not in (input.dtype, compute):
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {input.dtype} (the input's) or {compute}")
+        also = "" if compute == input.dtype else f" or {compute}"
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {input.dtype} (the input's){also}")
 
 
 def check_eps(eps: float, op: str) -> None:
