@@ -249,6 +249,69 @@ def test_raw_inplace_op_bumps_the_version_so_autograd_refuses_stale_saved_values
         b.sum().backward()
 
 
+
+def _inplace_version_cases(device):
+    """(name, tensor to overwrite, grad mode): what networks pass to dropout(inplace=True)."""
+    hidden = torch.randn(4, 8, device=device, requires_grad=True) * 1
+    yield "plain", torch.randn(4, 8, device=device), True
+    yield "non-leaf", torch.randn(4, 8, device=device, requires_grad=True) * 1, True
+    yield "view of a non-leaf", hidden[:2], True
+    yield "strided view", torch.randn(4, 8, device=device)[:, ::2], True
+    yield "requires grad, in no_grad", torch.randn(4, 8, device=device, requires_grad=True) * 1, False
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_bumps_the_version_once_like_torch(device):
+    # The reference bumped it twice (its copy and its explicit bump), three times when it recorded
+    # a backward (mark_dirty bumps too): harmless to autograd, but not what torch and the compiled
+    # kernels do, and code that watches _version (caches, torch.compile's guards) sees it.
+    runs = {
+        "torch": torch.nn.functional.dropout,
+        "fastreg": F.dropout,
+        "the raw op": lambda t, p, inplace: OPS.dropout_(t, p, 0),
+    }
+    for label, run in runs.items():
+        for name, tensor, grad_mode in _inplace_version_cases(device):
+            before = tensor._version
+            with torch.set_grad_enabled(grad_mode):
+                run(tensor, 0.5, inplace=True)
+            assert tensor._version == before + 1, (label, name, tensor._version - before)
+
+
+def _unrebasable_views(device):
+    """Views that torch's check_inplace refuses to overwrite in grad mode, each made afresh."""
+    hidden = torch.randn(4, 8, device=device, requires_grad=True) * 1
+    with torch.no_grad():
+        view = hidden[:2]
+    yield "made in no_grad mode", view
+    yield "one of several outputs", hidden.unbind(0)[1]
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    yield "made in a custom Function", Identity.apply(hidden)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_on_a_view_autograd_cannot_rebase_raises_torchs_error_before_writing(device):
+    # The reference called a view made in no_grad mode a leaf, and wrote into the views that
+    # autograd refuses after a mark_dirty (one of several outputs, a custom Function's output).
+    for case, view in _unrebasable_views(device):
+        with pytest.raises(RuntimeError) as theirs:
+            torch.nn.functional.dropout(view, 0.5, inplace=True)
+        values, version = view.detach().clone(), view._version
+        with pytest.raises(RuntimeError) as ours:
+            F.dropout(view, 0.5, inplace=True)
+        assert str(ours.value) == str(theirs.value), case
+        assert torch.equal(view.detach(), values) and view._version == version, f"{case}: written before refusing"
+
+
 def saved_bytes(fn, x):
     total = 0
 

@@ -156,7 +156,13 @@ class InplaceDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, p, mask_mode, generator, drawn):
-        with torch._C._AutoDispatchBelowAutograd(), grad_for_lower_levels():
+        # mark_dirty bumps the input's version: the kernel's own bump is undone, so that the call
+        # bumps it once, as torch's in-place ops and the C++ autograd kernel do.
+        with (
+            torch._C._AutoDispatchBelowAutograd(),
+            grad_for_lower_levels(),
+            torch.autograd._unsafe_preserve_version_counter(input),
+        ):
             mask, rng_state = torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
         # Returned through `drawn`, not as outputs: autograd refuses a Function that overwrites
         # a view and returns more than that view.
@@ -178,6 +184,10 @@ class InplaceDropout(torch.autograd.Function):
         return tangent.copy_(_backward(ctx, tangent))
 
 
+#: the creation of a view that in-place ops may overwrite in grad mode (its history is rebased)
+_REBASABLE_VIEW = torch._C._autograd.CreationMeta.DEFAULT
+
+
 def _has_tangent(t: torch.Tensor) -> bool:
     return torch.autograd.forward_ad._current_level >= 0 and torch._VF._unpack_dual(t, 0)[1] is not None
 
@@ -187,10 +197,16 @@ def _dropout_inplace_autograd(input, p, mask_mode, generator=None):
     # torch.library attaches no autograd to a mutating op: this is registered by hand.
     records = torch.is_grad_enabled() and input.requires_grad
     if records:  # torch's check_inplace, before anything is written (mark_dirty checks only after)
-        if input.is_leaf:
-            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+        if input._is_view() and torch._C._autograd._get_creation_meta(input) != _REBASABLE_VIEW:
+            # A view autograd cannot rebase (made in no_grad or inference mode, one of several
+            # outputs, a custom Function's output): torch's check_inplace refuses it, with a
+            # message that names how it was made. An in-place op that would change nothing gets
+            # that refusal from torch itself, before anything is written.
+            input.mul_(1)
         if input._base is not None and input._base.is_leaf:
             raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
+        if input.is_leaf:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     if records or _has_tangent(input):
         drawn = []
         apply_function(InplaceDropout, (input, p, mask_mode, generator, drawn))

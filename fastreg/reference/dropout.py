@@ -184,7 +184,10 @@ def dropout_(x: torch.Tensor, p: float, mask_mode: int, generator: torch.Generat
             "memory location. Please clone() the tensor before performing the operation."
         )
     out, mask, rng_state = dropout(x, p, mask_mode, generator)
-    x.copy_(out)
+    # One version bump, as the kernels make (and torch's in-place ops): the copy, a write below
+    # this op, bumps none.
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        x.copy_(out)
     bump_version(x)
     return mask, rng_state
 
