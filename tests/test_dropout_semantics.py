@@ -1,7 +1,10 @@
 """fastreg dropout behaves like torch.nn's: arguments, values, layouts, modules, errors."""
 
+import decimal
+import fractions
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,11 +19,88 @@ from .helpers import DEVICES, FLOAT_DTYPES
 def test_bad_p_raises_value_error_like_torch(p):
     with pytest.raises(ValueError, match="between 0 and 1"):
         F.dropout(torch.ones(3), p)
-    if p == p:  # torch's own check lets NaN through to a RuntimeError; ours rejects it up front
+    if p == p:
         with pytest.raises(ValueError, match="between 0 and 1"):
             torch.nn.functional.dropout(torch.ones(3), p)
+    else:  # torch's Python check lets NaN through to its C++ one; ours raises an error of both types
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            torch.nn.functional.dropout(torch.ones(3), p)
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            F.dropout(torch.ones(3), p)
     with pytest.raises(ValueError):
         fastreg.Dropout(p)
+
+
+#: p values as users pass them; torch's argument parser takes a float, an int or bool, a numpy
+#: scalar, or a 0-dim tensor that does not require grad, after its Python range check
+P_CASES = {
+    "float": lambda: 0.5,
+    "int": lambda: 1,
+    "bool": lambda: True,
+    "numpy float32": lambda: np.float32(0.25),
+    "numpy int64": lambda: np.int64(0),
+    "numpy bool": lambda: np.bool_(False),
+    "0-dim tensor": lambda: torch.tensor(0.5),
+    "0-dim int tensor": lambda: torch.tensor(1),
+    "0-dim tensor requiring grad": lambda: torch.tensor(0.5, requires_grad=True),
+    "1-element 1-D tensor": lambda: torch.tensor([0.5]),
+    "2-element tensor": lambda: torch.tensor([0.5, 0.5]),
+    "0-dim numpy array": lambda: np.array(0.5),
+    "Fraction": lambda: fractions.Fraction(1, 2),
+    "Fraction above 1": lambda: fractions.Fraction(3, 2),
+    "Decimal": lambda: decimal.Decimal("0.5"),
+    "str": lambda: "0.5",
+    "None": lambda: None,
+    "complex": lambda: 0.5 + 0j,
+    "nan": lambda: float("nan"),
+    "nan tensor": lambda: torch.tensor(float("nan")),
+    "negative tensor": lambda: torch.tensor(-0.5),
+    "inf": lambda: float("inf"),
+}
+FEATURE_SHAPES = {"dropout": (2, 3, 4), "dropout1d": (2, 3, 4), "dropout2d": (2, 3, 4, 4), "dropout3d": (2, 3, 2, 2, 2)}
+
+
+def _outcome(call):
+    """The exception a call raises, or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a tensor p that requires grad: torch warns as it converts it
+            call()
+    except Exception as error:  # noqa: BLE001 - what is raised is what is compared
+        return error
+    return None
+
+
+def _assert_same_outcome(ours, theirs, what):
+    if theirs is None:
+        assert ours is None, f"{what}: torch takes it, fastreg raised {ours!r}"
+    else:
+        assert isinstance(ours, type(theirs)), f"{what}: torch raised {theirs!r}, fastreg {ours!r}"
+
+
+@pytest.mark.parametrize("case", list(P_CASES))
+@pytest.mark.parametrize("fn", list(FEATURE_SHAPES))
+def test_p_is_taken_or_refused_like_torch(fn, case):
+    # fastreg took anything that compared with 0 and 1 (a 1-D tensor, a Fraction, a Decimal, a
+    # tensor that requires grad); torch refuses them with a TypeError from its argument parser.
+    x = torch.rand(FEATURE_SHAPES[fn]) + 1
+    for inplace in (False, True):
+        theirs = _outcome(lambda: getattr(torch.nn.functional, fn)(x.clone(), P_CASES[case](), inplace=inplace))
+        ours = _outcome(lambda: getattr(F, fn)(x.clone(), P_CASES[case](), inplace=inplace))
+        _assert_same_outcome(ours, theirs, f"{fn}(p={case}, inplace={inplace})")
+        if isinstance(theirs, TypeError) and "must be float" in str(theirs):
+            assert "must be float" in str(ours) and type(P_CASES[case]()).__name__ in str(ours)
+
+
+@pytest.mark.parametrize("case", list(P_CASES))
+@pytest.mark.parametrize("name", ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d"])
+def test_module_p_is_taken_or_refused_like_torch(name, case):
+    # torch.nn's modules check only the range when built; a p they keep fails in forward. fastreg's
+    # may refuse it as they are built (fastreg.Dropout checks p there), with the same exception.
+    x = torch.rand(FEATURE_SHAPES["dropout" + name[7:].lower()]) + 1
+    theirs = _outcome(lambda: getattr(torch.nn, name)(P_CASES[case]())(x))
+    ours = _outcome(lambda: getattr(fastreg, name)(P_CASES[case]())(x))
+    _assert_same_outcome(ours, theirs, f"{name}(p={case})")
 
 
 @pytest.mark.parametrize("device", DEVICES)

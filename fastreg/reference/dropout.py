@@ -5,6 +5,8 @@ Same schema and results, bit for bit, as the CPU and CUDA kernels.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..memory_format import from_memory_order, is_non_overlapping_and_dense, memory_dense
@@ -35,9 +37,38 @@ def keep_scale(threshold: int) -> float:
     return 0.0 if threshold == 0 else RESOLUTION / threshold
 
 
+class DropoutProbabilityError(ValueError, RuntimeError):
+    """A NaN p. fastreg has always refused it with a ValueError; torch's range check in Python
+    lets NaN through to its C++ one, which raises a RuntimeError: this is both."""
+
+
 def check_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
+    """p as torch's dropout takes it: one test on the common path (a float in [0, 1])."""
+    if type(p) is not float or not 0.0 <= p <= 1.0:
+        _check_p_slowly(p)
+
+
+def _check_p_slowly(p) -> None:
+    # In torch's order: its Python range check (a ValueError; for a p that does not compare
+    # with floats, the TypeError of the comparison), its argument parser's types, the C++ check.
+    if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not _parses_as_float(p):
+        hint = " (a tensor p must be 0-dim and not require grad)" if isinstance(p, torch.Tensor) else ""
+        raise TypeError(f"dropout(): argument 'p' must be float, not {type(p).__name__}{hint}")
+    if p != p:
+        raise DropoutProbabilityError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _parses_as_float(p) -> bool:
+    """What torch's argument parser takes for a float argument: a Python float, int or bool, a
+    symbolic one, a numpy scalar, or a 0-dim tensor that does not require grad."""
+    if isinstance(p, (float, int, torch.SymFloat, torch.SymInt)):  # bool is an int
+        return True
+    if isinstance(p, torch.Tensor):
+        return p.dim() == 0 and not p.requires_grad
+    numpy = sys.modules.get("numpy")  # not imported: p is no numpy scalar
+    return numpy is not None and isinstance(p, (numpy.number, numpy.bool_))
 
 
 def keep_groups(groups: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
