@@ -249,7 +249,6 @@ def test_raw_inplace_op_bumps_the_version_so_autograd_refuses_stale_saved_values
         b.sum().backward()
 
 
-
 def _inplace_version_cases(device):
     """(name, tensor to overwrite, grad mode): what networks pass to dropout(inplace=True)."""
     hidden = torch.randn(4, 8, device=device, requires_grad=True) * 1
