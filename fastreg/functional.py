@@ -10,7 +10,7 @@ from . import _loader
 from .ops import dropout as _dropout_ops  # noqa: F401  (defines the dropout ops and their autograd)
 from .penalty import weight_penalty  # noqa: F401  (fastreg.functional.weight_penalty)
 from .reference import batch_norm as _batch_norm_ref
-from .reference.dropout import check_input, check_p
+from .reference.dropout import DTYPES, check_input, check_p
 
 #: mask storage for backward -> the op's mask_mode
 MASK_MODES = {"regenerate": 0, "bits": 1, "bool": 2}
@@ -70,6 +70,8 @@ def dropout(
     mode = _mask_mode(mask_mode)
     if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
         return input
+    if p == 1 and input.dtype not in DTYPES:
+        return _zeroed(input, inplace)
     check_input(input)
     _loader.load_before_dispatch(input)
     if inplace:
@@ -80,12 +82,21 @@ def dropout(
     return torch.ops.fastreg.dropout(input, p, mode, generator)[0]
 
 
-def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool) -> torch.Tensor:
+def _zeroed(input: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """torch's dropout with p = 1 in a dtype the kernels do not take: the input times a zero of
+    its dtype (in place: the input zeroed)."""
+    zero = torch.zeros((), dtype=input.dtype, device=input.device)
+    return input.mul_(zero) if inplace else input * zero
+
+
+def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, op: str) -> torch.Tensor:
     """Zeroes whole channels: one decision per (N, C), broadcast over the remaining dims."""
     check_p(p)
     if not training or p == 0 or input.numel() == 0:
         return input
-    check_input(input)
+    if p == 1 and input.dtype not in DTYPES:
+        return _zeroed(input, inplace)
+    check_input(input, op)
     if input.dim() < 2 and p < 1:  # torch's message; p = 1 zeroes everything without channels
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     noise_shape = (*input.shape[:2],) + (1,) * (input.dim() - 2)
@@ -94,11 +105,11 @@ def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: boo
     return input.mul_(noise) if inplace else input * noise
 
 
-def _unbatched(input: torch.Tensor, batched_dim: int, p: float, training: bool, inplace: bool) -> torch.Tensor:
+def _unbatched(input: torch.Tensor, batched_dim: int, p: float, training: bool, inplace: bool, op: str) -> torch.Tensor:
     """torch's rule for dropout1d/3d: an input without the batched rank gets a batch dim of 1."""
     if input.dim() == batched_dim:
-        return _feature_dropout(input, p, training, inplace)
-    output = _feature_dropout(input.unsqueeze(0), p, training, inplace)
+        return _feature_dropout(input, p, training, inplace, op)
+    output = _feature_dropout(input.unsqueeze(0), p, training, inplace, op)
     return input if inplace else output.squeeze(0)  # inplace: the input object, as torch returns
 
 
@@ -127,7 +138,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 spatial dimension, "
             "a channel dimension, and an optional batch dimension (i.e. 2D or 3D inputs)."
         )
-    return _unbatched(input, 3, p, training, inplace)
+    return _unbatched(input, 3, p, training, inplace, "fastreg.dropout1d")
 
 
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
@@ -148,7 +159,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "shape (C, H, W). To maintain the 1D channel-wise dropout behavior, please switch to using "
             "dropout1d instead."
         )
-    return _feature_dropout(input, p, training, inplace)
+    return _feature_dropout(input, p, training, inplace, "fastreg.dropout2d")
 
 
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
@@ -161,7 +172,7 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "dropout instead. Note that dropout3d exists to provide channel-wise dropout on inputs with 3 "
             "spatial dimensions, a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs)."
         )
-    return _unbatched(input, 5, p, training, inplace)
+    return _unbatched(input, 5, p, training, inplace, "fastreg.dropout3d")
 
 
 def batch_norm(

@@ -103,6 +103,32 @@ def test_module_p_is_taken_or_refused_like_torch(name, case):
     _assert_same_outcome(ours, theirs, f"{name}(p={case})")
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("fn", list(FEATURE_SHAPES))
+def test_dtypes_without_a_kernel_are_zeroed_or_refused_like_torch(fn, dtype):
+    # torch zeroes any dtype with p = 1 (input * 0, in place too) and fails to draw noise for
+    # the others (RuntimeError for integers and bool, NotImplementedError for complex). fastreg
+    # raised a TypeError for both; its error is now also torch's type, and names the function.
+    x = torch.ones(FEATURE_SHAPES[fn]).to(dtype)
+    ours_f, theirs_f = getattr(F, fn), getattr(torch.nn.functional, fn)
+    for p in (1.0, 0.5):
+        for inplace in (False, True):
+            theirs_in, ours_in = x.clone(), x.clone()
+            theirs = _outcome(lambda: theirs_f(theirs_in, p, inplace=inplace))
+            ours = _outcome(lambda: ours_f(ours_in, p, inplace=inplace))
+            _assert_same_outcome(ours, theirs, f"{fn}({dtype}, p={p}, inplace={inplace})")
+            if theirs is None:
+                expected = theirs_f(x.clone(), p, inplace=inplace)
+                result = ours_f(ours_in, p, inplace=inplace)
+                assert result.dtype == dtype and torch.equal(result, expected)
+                assert (result is ours_in) == inplace
+                if inplace:
+                    assert torch.equal(ours_in, theirs_in)
+            elif dtype != torch.float8_e4m3fn or p != 1.0:  # p = 1 in float8: torch's own mul refuses it
+                assert isinstance(ours, TypeError)  # what fastreg raised before: still caught by TypeError
+                assert f"fastreg.{fn}:" in str(ours) and "float64, float32, float16 or bfloat16" in str(ours)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_p_zero_keeps_values_and_p_one_zeroes(device, dtype):
