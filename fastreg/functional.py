@@ -10,18 +10,41 @@ from . import _loader
 from .ops import dropout as _dropout_ops  # noqa: F401  (defines the dropout ops and their autograd)
 from .penalty import weight_penalty  # noqa: F401  (fastreg.functional.weight_penalty)
 from .reference import batch_norm as _batch_norm_ref
-from .reference.dropout import DTYPES, check_input, check_p
+from .reference.dropout import check_input, check_p
 
 #: mask storage for backward -> the op's mask_mode
 MASK_MODES = {"regenerate": 0, "bits": 1, "bool": 2}
 DEFAULT_MASK_MODE = "regenerate"
 
+# torch.jit.is_scripting by a global name: TorchScript still reads it as the constant True, and
+# an eager call (every dropout call makes one) looks up one name instead of two attributes.
+_is_scripting = torch.jit.is_scripting
+
 
 def _mask_mode(mask_mode: str) -> int:
-    try:
-        return MASK_MODES[mask_mode]
-    except KeyError:
-        raise ValueError(f"mask_mode must be one of {sorted(MASK_MODES)}, got {mask_mode!r}") from None
+    # An if-chain, which torch.jit.script compiles (a dict lookup in a try it does not).
+    if mask_mode == "regenerate":
+        return 0
+    if mask_mode == "bits":
+        return 1
+    if mask_mode == "bool":
+        return 2
+    if _is_scripting():
+        raise ValueError(f"mask_mode must be one of ['bits', 'bool', 'regenerate'], got '{mask_mode}'")
+    raise _mask_mode_error(mask_mode)
+
+
+def _mask_mode_error(mask_mode) -> ValueError:
+    return ValueError(f"mask_mode must be one of {sorted(MASK_MODES)}, got {mask_mode!r}")
+
+
+def _check_p(p: float) -> None:
+    """check_p, where torch.jit.script may compile it: p is a float there, only its range is left."""
+    if _is_scripting():
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    else:
+        check_p(p)
 
 
 def dropout_with_mask(
@@ -66,20 +89,44 @@ def dropout(
     ``mask_mode`` says what backward gets: ``"regenerate"`` (default: no mask stored, it is
     recomputed from a 16-byte seed), ``"bits"`` (1 bit per element) or ``"bool"`` (1 byte).
     """
-    check_p(p)
+    return _dropout(input, p, training, inplace, generator, mask_mode)
+
+
+def _dropout(
+    input: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    generator: torch.Generator | None,
+    mask_mode: str,
+) -> torch.Tensor:
+    """dropout with positional arguments only, which torch.jit.script compiles (it takes no
+    keyword-only ones): what fastreg.Dropout calls. What TorchScript cannot compile sits in the
+    branch it leaves out, so eager calls pay one test for it."""
     mode = _mask_mode(mask_mode)
-    if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
-        return input
-    if p == 1 and input.dtype not in DTYPES:
+    if _is_scripting():
+        if not 0.0 <= p <= 1.0:  # p is a float here
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        if not training or p == 0 or input.numel() == 0:
+            return input
+    else:
+        check_p(p)
+        if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
+            return input
+        _loader.load_before_dispatch(input)
+    if p == 1 and not _kernel_dtype(input.dtype):
         return _zeroed(input, inplace)
     check_input(input)
-    _loader.load_before_dispatch(input)
     if inplace:
         if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
             return input.copy_(torch.ops.fastreg.dropout(input, p, mode, generator)[0])
         torch.ops.fastreg.dropout_(input, p, mode, generator)
         return input
     return torch.ops.fastreg.dropout(input, p, mode, generator)[0]
+
+
+def _kernel_dtype(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _zeroed(input: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -91,17 +138,17 @@ def _zeroed(input: torch.Tensor, inplace: bool) -> torch.Tensor:
 
 def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, op: str) -> torch.Tensor:
     """Zeroes whole channels: one decision per (N, C), broadcast over the remaining dims."""
-    check_p(p)
+    _check_p(p)
     if not training or p == 0 or input.numel() == 0:
         return input
-    if p == 1 and input.dtype not in DTYPES:
+    if p == 1 and not _kernel_dtype(input.dtype):
         return _zeroed(input, inplace)
     check_input(input, op)
     if input.dim() < 2 and p < 1:  # torch's message; p = 1 zeroes everything without channels
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    noise_shape = (*input.shape[:2],) + (1,) * (input.dim() - 2)
+    noise_shape = list(input.shape[:2]) + [1] * (input.dim() - 2)  # a list: TorchScript sizes no tuple built so
     ones = torch.ones(noise_shape, dtype=input.dtype, device=input.device)
-    noise = torch.ops.fastreg.dropout(ones, p, MASK_MODES["regenerate"], None)[0]
+    noise = torch.ops.fastreg.dropout(ones, p, 0, None)[0]  # mask_mode "regenerate"
     return input.mul_(noise) if inplace else input * noise
 
 
@@ -115,23 +162,31 @@ def _unbatched(input: torch.Tensor, batched_dim: int, p: float, training: bool, 
 
 def _warn(message: str) -> None:
     """Warns at the caller of dropout2d/3d. Dynamo cannot trace warnings.warn (an error under
-    fullgraph=True), so a compiled call warns while it is traced, as torch's dropout2d/3d do."""
-    if torch.compiler.is_compiling():
-        from torch._dynamo.comptime import comptime
-
-        comptime(_warn_while_tracing)
+    fullgraph=True), so a compiled call warns while it is traced, as torch's dropout2d/3d do.
+    TorchScript compiles warnings.warn, and no import: that branch is left out of its function."""
+    if _is_scripting():
+        warnings.warn(message, stacklevel=3)
+    elif torch.compiler.is_compiling():
+        _warn_while_compiling(message)
     else:
         warnings.warn(message, stacklevel=3)
 
 
+def _warn_while_compiling(message: str) -> None:
+    from torch._dynamo.comptime import comptime
+
+    comptime(_warn_while_tracing)
+
+
 def _warn_while_tracing(ctx) -> None:
-    # comptime takes no closures: the message is read from _warn's frame, which Dynamo is tracing.
+    # comptime takes no closures: the message is read from the frame that calls it, which
+    # Dynamo is tracing.
     warnings.warn(ctx.get_local("message").as_python_constant())
 
 
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout1d``: zeroes whole channels of (N, C, L) or (C, L)."""
-    check_p(p)
+    _check_p(p)
     if input.dim() not in (2, 3):
         raise RuntimeError(
             f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
@@ -143,7 +198,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout2d``, warnings included."""
-    check_p(p)
+    _check_p(p)
     if input.dim() not in (3, 4):
         _warn(
             f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated and will result in "
@@ -164,7 +219,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout3d``: zeroes whole channels of (N, C, D, H, W) or (C, D, H, W)."""
-    check_p(p)
+    _check_p(p)
     if input.dim() not in (4, 5):
         _warn(
             f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated and will result "

@@ -19,7 +19,8 @@ class Dropout(torch.nn.Dropout):
         self.mask_mode = mask_mode
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.dropout(input, self.p, self.training, self.inplace, mask_mode=self.mask_mode)
+        # F.dropout's body, with positional arguments: what torch.jit.script can compile
+        return F._dropout(input, self.p, self.training, self.inplace, None, self.mask_mode)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask_mode={self.mask_mode!r}"

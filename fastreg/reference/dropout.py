@@ -132,10 +132,6 @@ def check_mode(mask_mode: int) -> None:
         raise ValueError(f"fastreg.dropout: mask_mode must be 0 (regenerate), 1 (bits) or 2 (bool), got {mask_mode}")
 
 
-#: the dtypes the kernels take
-DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
 class UnsupportedDtypeError(TypeError, NotImplementedError):
     """An input of a dtype the kernels do not take. A TypeError, as fastreg has always raised, and
     a NotImplementedError, so a RuntimeError too: what torch's dropout raises where it cannot draw
@@ -145,7 +141,7 @@ class UnsupportedDtypeError(TypeError, NotImplementedError):
 def check_input(x: torch.Tensor, op: str = "fastreg.dropout", name: str = "input") -> None:
     if x.layout != torch.strided:
         raise RuntimeError(f"{op}: {name} must be a strided (dense) tensor, got layout {x.layout}")
-    if x.dtype not in DTYPES:
+    if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):  # TorchScript: no global
         raise UnsupportedDtypeError(
             f"{op}: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {x.dtype}"
         )
