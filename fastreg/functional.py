@@ -19,6 +19,7 @@ DEFAULT_MASK_MODE = "regenerate"
 # torch.jit.is_scripting by a global name: TorchScript still reads it as the constant True, and
 # an eager call (every dropout call makes one) looks up one name instead of two attributes.
 _is_scripting = torch.jit.is_scripting
+_tracing_state = torch._C._get_tracing_state  # not None under torch.jit.trace
 
 
 def _mask_mode(mask_mode: str) -> int:
@@ -111,7 +112,9 @@ def _dropout(
             return input
     else:
         check_p(p)
-        if not training or p == 0 or input.numel() == 0:  # as torch: the input itself, nothing drawn or checked
+        # As torch: the input itself, nothing drawn or checked (_is_empty, inlined: every call
+        # comes here).
+        if not training or p == 0 or (_tracing_state() is None and input.numel() == 0):
             return input
         _loader.load_before_dispatch(input)
     if p == 1 and not _kernel_dtype(input.dtype):
@@ -123,6 +126,15 @@ def _dropout(
         torch.ops.fastreg.dropout_(input, p, mode, generator)
         return input
     return torch.ops.fastreg.dropout(input, p, mode, generator)[0]
+
+
+def _is_empty(input: torch.Tensor) -> bool:
+    """numel() == 0, except under torch.jit.trace: numel() is a traced tensor there, which an
+    if would convert ("Converting a tensor to a Python boolean", and the example's size baked
+    into the graph). torch's traced dropout records the op, whatever the size: so does fastreg's."""
+    if _is_scripting():
+        return input.numel() == 0
+    return _tracing_state() is None and input.numel() == 0
 
 
 def _kernel_dtype(dtype: torch.dtype) -> bool:
@@ -139,7 +151,7 @@ def _zeroed(input: torch.Tensor, inplace: bool) -> torch.Tensor:
 def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, op: str) -> torch.Tensor:
     """Zeroes whole channels: one decision per (N, C), broadcast over the remaining dims."""
     _check_p(p)
-    if not training or p == 0 or input.numel() == 0:
+    if not training or p == 0 or _is_empty(input):
         return input
     if p == 1 and not _kernel_dtype(input.dtype):
         return _zeroed(input, inplace)

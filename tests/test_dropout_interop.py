@@ -80,3 +80,29 @@ def test_scripted_dropout_refuses_a_bad_p_or_mask_mode():
     scripted.mask_mode = "bytes"
     with pytest.raises(torch.jit.Error, match="mask_mode must be one of"):
         scripted(torch.ones(4))
+
+
+def _trace(module, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(module, x, check_trace=False)
+    return traced, [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", list(MODULE_INPUTS))
+def test_modules_trace_without_tracer_warnings_and_draw_fresh_masks(name, inplace):
+    # fastreg's emptiness test read numel(), a traced value under torch.jit.trace: "Converting a
+    # tensor to a Python boolean" (torch's traced modules give no warning).
+    shape = MODULE_INPUTS[name]
+    x = torch.rand(shape) + 1
+    assert _trace(getattr(torch.nn, name)(0.5, inplace=inplace), x.clone())[1] == []
+    traced, tracer_warnings = _trace(getattr(fastreg, name)(0.5, inplace=inplace), x.clone())
+    assert tracer_warnings == []
+    assert "fastreg::dropout" in str(traced.graph), "the op is in the graph, not a mask baked into it"
+    first, second = _channels_dropped(traced(x.clone()), shape), _channels_dropped(traced(x.clone()), shape)
+    assert first.any() and not torch.equal(first, second), "a fresh mask per call"
+    leaf = x.clone().requires_grad_()
+    y = traced(leaf * 1)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(leaf.grad, torch.where(y == 0, 0.0, ref.keep_scale(ref.keep_threshold(0.5))))
