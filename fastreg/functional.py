@@ -174,11 +174,12 @@ def _unbatched(input: torch.Tensor, batched_dim: int, p: float, training: bool, 
 
 def _warn(message: str) -> None:
     """Warns at the caller of dropout2d/3d. Dynamo cannot trace warnings.warn (an error under
-    fullgraph=True), so a compiled call warns while it is traced, as torch's dropout2d/3d do.
+    fullgraph=True), so a call Dynamo compiles warns while it is traced, as torch's dropout2d/3d
+    do. Other tracers (non-strict torch.export, make_fx) run the Python code: a plain warning.
     TorchScript compiles warnings.warn, and no import: that branch is left out of its function."""
     if _is_scripting():
         warnings.warn(message, stacklevel=3)
-    elif torch.compiler.is_compiling():
+    elif torch.compiler.is_dynamo_compiling():
         _warn_while_compiling(message)
     else:
         warnings.warn(message, stacklevel=3)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastreg
+import fastreg.functional as F
 from fastreg.reference import dropout as ref
 
 #: each module with an input of the rank it is meant for
@@ -106,3 +107,24 @@ def test_modules_trace_without_tracer_warnings_and_draw_fresh_masks(name, inplac
     y = traced(leaf * 1)
     y.backward(torch.ones_like(y))
     assert torch.equal(leaf.grad, torch.where(y == 0, 0.0, ref.keep_scale(ref.keep_threshold(0.5))))
+
+
+def _export_warnings(fn, shape, strict):
+    module = type("M", (torch.nn.Module,), {"forward": lambda self, x: fn(x, 0.5)})()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.export.export(module, (torch.randn(shape),), strict=strict)
+    return [str(w.message) for w in caught if str(w.message).startswith(("dropout2d:", "dropout3d:"))]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("fn,shape", [("dropout2d", (4, 3, 3)), ("dropout2d", (4, 3)), ("dropout3d", (4, 3, 3))])
+def test_export_keeps_the_deprecation_warnings(fn, shape, strict):
+    # Non-strict export runs the Python code with is_compiling() set but without Dynamo, where
+    # the comptime warning fastreg used under is_compiling() said nothing. torch warns once
+    # there; strict export (Dynamo) makes torch warn once per trace, fastreg once.
+    theirs = _export_warnings(getattr(torch.nn.functional, fn), shape, strict)
+    ours = _export_warnings(getattr(F, fn), shape, strict)
+    assert ours and set(ours) == set(theirs)
+    if not strict:
+        assert ours == theirs
