@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -110,22 +111,43 @@ def _dropout(
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         if not training or p == 0 or input.numel() == 0:
             return input
-    else:
+        if p == 1 and not _kernel_dtype(input.dtype):
+            return _zeroed(input, inplace)
+        check_input(input)
+    else:  # the same steps, and what TorchScript cannot compile
         check_p(p)
+        if type(input) is not torch.Tensor and _served_by_torch(input, generator, "fastreg.dropout"):
+            return torch.nn.functional.dropout(input, p, training, inplace)
         # As torch: the input itself, nothing drawn or checked (_is_empty, inlined: every call
         # comes here).
         if not training or p == 0 or (_tracing_state() is None and input.numel() == 0):
             return input
+        if p == 1 and not _kernel_dtype(input.dtype):
+            return _zeroed(input, inplace)
+        check_input(input)
         _loader.load_before_dispatch(input)
-    if p == 1 and not _kernel_dtype(input.dtype):
-        return _zeroed(input, inplace)
-    check_input(input)
     if inplace:
         if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
             return input.copy_(torch.ops.fastreg.dropout(input, p, mode, generator)[0])
         torch.ops.fastreg.dropout_(input, p, mode, generator)
         return input
     return torch.ops.fastreg.dropout(input, p, mode, generator)[0]
+
+
+def _served_by_torch(input: torch.Tensor, generator: torch.Generator | None = None, op: str = "") -> bool:
+    """Inputs the kernels cannot take, which torch's dropout serves: jagged nested tensors, and
+    DTensors (whose masks torch draws through DTensor's RNG tracker, one consistent mask across
+    shards). Asked only for tensors of a subclass: a plain tensor costs the callers one test."""
+    if input.is_nested:
+        kind = "nested tensor"
+    else:
+        dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: there is no DTensor
+        if dtensor is None or not isinstance(input, dtensor.DTensor):
+            return False
+        kind = "DTensor"
+    if generator is not None:
+        raise RuntimeError(f"{op}: a {kind} input is served by torch's dropout, which takes no generator")
+    return True
 
 
 def _is_empty(input: torch.Tensor) -> bool:
@@ -199,6 +221,9 @@ def _warn_while_tracing(ctx) -> None:
 
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout1d``: zeroes whole channels of (N, C, L) or (C, L)."""
+    if not _is_scripting():
+        if type(input) is not torch.Tensor and _served_by_torch(input):
+            return torch.nn.functional.dropout1d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (2, 3):
         raise RuntimeError(
@@ -211,6 +236,9 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout2d``, warnings included."""
+    if not _is_scripting():
+        if type(input) is not torch.Tensor and _served_by_torch(input):
+            return torch.nn.functional.dropout2d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (3, 4):
         _warn(
@@ -232,6 +260,9 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout3d``: zeroes whole channels of (N, C, D, H, W) or (C, D, H, W)."""
+    if not _is_scripting():
+        if type(input) is not torch.Tensor and _served_by_torch(input):
+            return torch.nn.functional.dropout3d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (4, 5):
         _warn(

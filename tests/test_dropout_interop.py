@@ -128,3 +128,112 @@ def test_export_keeps_the_deprecation_warnings(fn, shape, strict):
     assert ours and set(ours) == set(theirs)
     if not strict:
         assert ours == theirs
+
+
+FUNCTIONS = ["dropout", "dropout1d", "dropout2d", "dropout3d"]
+
+
+def _outcome(call):
+    """The exception a call raises, or None."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - what is raised is what is compared
+        return error
+    return None
+
+
+def _jagged(requires_grad=False):
+    rows = [torch.rand(2, 8) + 1, torch.rand(5, 8) + 1]
+    return torch.nested.nested_tensor(rows, layout=torch.jagged, requires_grad=requires_grad)
+
+
+def test_jagged_nested_tensors_use_torchs_dropout():
+    # The kernels take strided tensors only: a jagged nested tensor raised "must be a strided
+    # (dense) tensor". torch's dropout serves it (its values zeroed or scaled by 1 / (1 - p)).
+    x = _jagged(requires_grad=True)
+    torch.manual_seed(0)
+    theirs = torch.nn.functional.dropout(x, 0.5)
+    for run in (lambda t: F.dropout(t, 0.5), fastreg.Dropout(0.5)):
+        torch.manual_seed(0)
+        ours = run(x)
+        assert ours.layout == torch.jagged and torch.equal(ours.values(), theirs.values())
+        values = x.values().detach()
+        kept = ours.values() != 0
+        assert kept.any() and not kept.all()
+        assert torch.allclose(ours.values()[kept], values[kept] * 2)
+        (grad,) = torch.autograd.grad(ours.values().sum(), x)
+        assert torch.equal(grad.values(), torch.where(kept, 2.0, 0.0))
+    y = _jagged()
+    for ours in (F.dropout(y, 0.5, training=False), fastreg.Dropout(0.5).eval()(y)):
+        assert ours.layout == torch.jagged and torch.equal(ours.values(), y.values())
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_jagged_nested_tensors_get_torchs_result_or_error(fn):
+    # torch itself supports jagged inputs in F.dropout only (out of place): the others raise,
+    # and fastreg's must raise the same.
+    warnings.simplefilter("ignore")  # torch's dropout2d/3d warn about the rank (pytest restores the filters)
+    for training in (True, False):
+        for inplace in (False, True):
+            x = _jagged()
+            torch.manual_seed(0)
+            theirs = _outcome(lambda: getattr(torch.nn.functional, fn)(x.clone(), 0.5, training, inplace))
+            torch.manual_seed(0)
+            ours = _outcome(lambda: getattr(F, fn)(x.clone(), 0.5, training, inplace))
+            if theirs is None:
+                assert ours is None, (fn, training, inplace, ours)
+            else:
+                assert type(ours) is type(theirs) and str(ours) == str(theirs), (fn, training, inplace)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone, for DTensors on the CPU."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_dtensors_use_torchs_dropout(one_process_group, fn):
+    # fastreg's ops have no sharding rule ("does not have a sharding strategy registered"), and
+    # dropout2d mixed a plain noise tensor with the DTensor. torch's dropout draws a DTensor's
+    # mask through DTensor's RNG tracker, so that shards get one consistent mask: it serves them.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    name = "Dropout" + fn[7:]
+    shape = MODULE_INPUTS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DTensor's notes on its RNG tracker
+        x = distribute_tensor(torch.rand(shape) + 1, init_device_mesh("cpu", (1,)), [Shard(0)])
+        for training in (True, False):
+            for inplace in (False, True):
+                module = getattr(fastreg, name)(0.5, inplace=inplace).train(training)
+                for ours_fn in (lambda t: getattr(F, fn)(t, 0.5, training, inplace), module):
+                    theirs_input, ours_input = x.clone(), x.clone()
+                    torch.manual_seed(0)
+                    try:
+                        theirs = getattr(torch.nn.functional, fn)(theirs_input, 0.5, training, inplace)
+                    except NotImplementedError as error:  # torch's own limits: dropout3d in place
+                        with pytest.raises(type(error)):
+                            ours_fn(ours_input)
+                        continue
+                    torch.manual_seed(0)
+                    ours = ours_fn(ours_input)
+                    assert isinstance(ours, DTensor) and (ours is ours_input) == (theirs is theirs_input)
+                    assert torch.equal(ours_input.to_local(), theirs_input.to_local()), "the same draw as torch"
+                    dropped = _channels_dropped(ours.to_local(), shape)
+                    assert dropped.any() and not dropped.all() if training else not dropped.any()
+        leaf = x.detach().requires_grad_()
+        y = getattr(F, fn)(leaf * 1, 0.5)
+        y.sum().backward()
+        assert isinstance(leaf.grad, DTensor)
+        assert torch.equal(leaf.grad.to_local(), torch.where(y.to_local() == 0, 0.0, 2.0))
