@@ -122,9 +122,10 @@ def _dropout(
         # comes here).
         if not training or p == 0 or (_tracing_state() is None and input.numel() == 0):
             return input
-        if p == 1 and not _kernel_dtype(input.dtype):
-            return _zeroed(input, inplace)
-        check_input(input)
+        if input.dtype not in _KERNEL_DTYPES or input.layout != torch.strided:  # check_input's test, faster
+            if p == 1 and not _kernel_dtype(input.dtype):
+                return _zeroed(input, inplace)
+            check_input(input)
         _loader.load_before_dispatch(input)
     if inplace:
         if torch.compiler.is_compiling():  # functional form; the compiler plans the memory
@@ -161,6 +162,9 @@ def _is_empty(input: torch.Tensor) -> bool:
 
 def _kernel_dtype(dtype: torch.dtype) -> bool:
     return dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+_KERNEL_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
 
 
 def _zeroed(input: torch.Tensor, inplace: bool) -> torch.Tensor:
