@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.fx
 
 import fastreg
 import fastreg.functional as F
@@ -145,6 +146,27 @@ def _outcome(call):
 def _jagged(requires_grad=False):
     rows = [torch.rand(2, 8) + 1, torch.rand(5, 8) + 1]
     return torch.nested.nested_tensor(rows, layout=torch.jagged, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("name", list(MODULE_INPUTS))
+def test_fx_symbolic_trace_keeps_each_module_as_one_call(name):
+    """torch.fx traced into the modules' forward, whose branches a Proxy cannot decide: a model
+    holding one did not trace. Inside a model each is one call_module node, as torch.nn's are;
+    traced on its own, one call of its function (as torch.nn.Dropout traces)."""
+    module = getattr(fastreg, name)(0.4)
+    shape = MODULE_INPUTS[name]
+    model = torch.nn.Sequential(torch.nn.Identity(), module)
+    traced = torch.fx.symbolic_trace(model)
+    assert [(n.op, str(n.target)) for n in traced.graph.nodes][1:-1] == [("call_module", "0"), ("call_module", "1")]
+    alone = torch.fx.symbolic_trace(module)
+    functional = {"Dropout": F.dropout, "Dropout1d": F.dropout1d, "Dropout2d": F.dropout2d, "Dropout3d": F.dropout3d}
+    assert [n.target for n in alone.graph.nodes if n.op == "call_function"] == [functional[name]]
+    x = torch.randn(shape)
+    for graph in (traced, alone):
+        torch.manual_seed(5)
+        got = graph(x)
+        torch.manual_seed(5)
+        assert torch.equal(got, module(x))  # the same draw as the module itself
 
 
 def test_jagged_nested_tensors_use_torchs_dropout():

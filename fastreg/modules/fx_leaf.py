@@ -28,8 +28,11 @@ class TracedAsLeaf:
             raise TypeError(f"{type(self).__name__}: input must be a tensor, got {type(input).__name__}")
         tracer = input.tracer
         if tracer.root is self:  # traced on its own: there is no parent to hold a call_module node
-            raise RuntimeError(
-                f"torch.fx cannot trace a {type(self).__name__} on its own (its forward branches on the input); "
-                "trace the model that contains it, where it becomes one call_module node"
-            )
+            return self._fx_trace_as_root(input)
         return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+
+    def _fx_trace_as_root(self, input: torch.fx.Proxy) -> torch.fx.Proxy:
+        raise RuntimeError(
+            f"torch.fx cannot trace a {type(self).__name__} on its own (its forward branches on the input); "
+            "trace the model that contains it, where it becomes one call_module node"
+        )
