@@ -72,40 +72,63 @@ void check_type(const char* type, DType dtype, double rtol) {
   const PenaltyMode modes[] = {PenaltyMode::Value, PenaltyMode::Accumulate, PenaltyMode::Backward};
   const double coefficients[][2] = {{0.3, 0.7}, {0.0, 0.5}, {0.25, 0.0}};
   const float grad_output = 1.5f;
+  const double grad_output64 = 0.1;  // a list with a float64 tensor: the value, and so go, is float64
   for (const int64_t len : lengths) {
     for (const PenaltyMode mode : modes) {
       for (const auto& l : coefficients) {
         for (const size_t w_shift : {size_t{0}, sizeof(T)}) {
           for (const size_t g_shift : {size_t{0}, sizeof(T)}) {
-            const std::string what = std::string(type) + " len=" + std::to_string(len) +
-                                     " mode=" + std::to_string(static_cast<int>(mode)) + " l1=" + std::to_string(l[0]) +
-                                     " l2=" + std::to_string(l[1]) + " shifts=" + std::to_string(w_shift) + "," +
-                                     std::to_string(g_shift);
-            const size_t bytes = static_cast<size_t>(len) * sizeof(T);
-            Buffer w(bytes), g_cpu(bytes), g_block(bytes);
-            fill<T>(w.at(w_shift), len, weight_at);
-            fill<T>(g_cpu.at(g_shift), len, grad_at);
-            fill<T>(g_block.at(g_shift), len, grad_at);
-            const bool writes = mode != PenaltyMode::Value;
-            const PenaltyScalars scalars{l[0], l[1], &grad_output, DType::Float32};
+            for (const bool go64 : {false, true}) {
+              const std::string what = std::string(type) + " len=" + std::to_string(len) +
+                                       " mode=" + std::to_string(static_cast<int>(mode)) + " l1=" + std::to_string(l[0]) +
+                                       " l2=" + std::to_string(l[1]) + " shifts=" + std::to_string(w_shift) + "," +
+                                       std::to_string(g_shift) + (go64 ? " go=float64" : " go=float32");
+              const size_t bytes = static_cast<size_t>(len) * sizeof(T);
+              Buffer w(bytes), g_cpu(bytes), g_block(bytes);
+              fill<T>(w.at(w_shift), len, weight_at);
+              fill<T>(g_cpu.at(g_shift), len, grad_at);
+              fill<T>(g_block.at(g_shift), len, grad_at);
+              const bool writes = mode != PenaltyMode::Value;
+              const PenaltyScalars scalars = go64 ? PenaltyScalars{l[0], l[1], &grad_output64, DType::Float64}
+                                                  : PenaltyScalars{l[0], l[1], &grad_output, DType::Float32};
 
-            const PenaltyTensor tensor{w.at(w_shift), writes ? g_cpu.at(g_shift) : nullptr, len, dtype};
-            double cpu[2] = {0.0, 0.0};
-            weight_penalty_range_cpu(tensor, mode, scalars, 0, len, cpu);
-            const Sums block = run_block<T>(mode, reinterpret_cast<const T*>(w.at(w_shift)),
-                                            writes ? reinterpret_cast<T*>(g_block.at(g_shift)) : nullptr, len, scalars);
+              const PenaltyTensor tensor{w.at(w_shift), writes ? g_cpu.at(g_shift) : nullptr, len, dtype};
+              double cpu[2] = {0.0, 0.0};
+              weight_penalty_range_cpu(tensor, mode, scalars, 0, len, cpu);
+              const Sums block = run_block<T>(mode, reinterpret_cast<const T*>(w.at(w_shift)),
+                                              writes ? reinterpret_cast<T*>(g_block.at(g_shift)) : nullptr, len, scalars);
 
-            if (g_cpu.window() != g_block.window()) fastreg_test::fail(__FILE__, __LINE__, what + ": gradient bytes differ");
-            if (mode != PenaltyMode::Backward && !(close(block.s1, cpu[0], rtol) && close(block.s2, cpu[1], rtol))) {
-              fastreg_test::fail(__FILE__, __LINE__,
-                                 what + ": sums " + std::to_string(block.s1) + ", " + std::to_string(block.s2) +
-                                     " vs the CPU's " + std::to_string(cpu[0]) + ", " + std::to_string(cpu[1]));
+              if (g_cpu.window() != g_block.window()) fastreg_test::fail(__FILE__, __LINE__, what + ": gradient bytes differ");
+              if (mode != PenaltyMode::Backward && !(close(block.s1, cpu[0], rtol) && close(block.s2, cpu[1], rtol))) {
+                fastreg_test::fail(__FILE__, __LINE__,
+                                   what + ": sums " + std::to_string(block.s1) + ", " + std::to_string(block.s2) +
+                                       " vs the CPU's " + std::to_string(cpu[0]) + ", " + std::to_string(cpu[1]));
+              }
             }
           }
         }
       }
     }
   }
+}
+
+// Backward forms go * l in the value's dtype, then rounds it to the compute type, as autograd
+// does on the naive formula: float(double(go) * l1) for a float32 tensor in a list with a
+// float64 one, which is not float(go) * float(l1) for these numbers.
+FASTREG_TEST(weight_penalty_cuda_chunk_backward_coefficients_are_formed_in_the_value_dtype) {
+  const double go64 = 0.1, l1 = 0.3, l2 = 0.7;
+  const float go32 = 0.1f;
+  float c1 = 0.0f, c2x2 = 0.0f;
+  penalty_coefficients<float>(PenaltyMode::Backward, PenaltyScalars{l1, l2, &go64, DType::Float64}, c1, c2x2);
+  FASTREG_CHECK(c1 == static_cast<float>(go64 * l1));
+  FASTREG_CHECK(c2x2 == 2.0f * static_cast<float>(go64 * l2));
+  FASTREG_CHECK(c1 != static_cast<float>(go64) * static_cast<float>(l1));
+  penalty_coefficients<float>(PenaltyMode::Backward, PenaltyScalars{l1, l2, &go32, DType::Float32}, c1, c2x2);
+  FASTREG_CHECK(c1 == go32 * static_cast<float>(l1));
+  FASTREG_CHECK(c2x2 == 2.0f * (go32 * static_cast<float>(l2)));
+  double d1 = 0.0, d2x2 = 0.0;
+  penalty_coefficients<double>(PenaltyMode::Backward, PenaltyScalars{l1, l2, &go64, DType::Float64}, d1, d2x2);
+  FASTREG_CHECK(d1 == go64 * l1 && d2x2 == 2.0 * (go64 * l2));
 }
 
 FASTREG_TEST(weight_penalty_cuda_chunk_matches_cpu_float) { check_type<float>("float32", DType::Float32, 1e-6); }

@@ -15,6 +15,7 @@
 #include "../common/compute_type.h"
 #include "../common/host_device.h"
 #include "../common/rounded_math.h"  // mul_rn, add_rn: no FMA, so gradients have autograd's bits
+#include "weight_penalty_coefficients.h"
 #include "weight_penalty_kernels.h"
 
 namespace fastreg {
@@ -25,23 +26,6 @@ constexpr int kPenaltyUnroll = 4;     // 16-byte packs per thread in flight: eno
 template <typename A>
 FASTREG_HOST_DEVICE A penalty_sign(A x) {
   return static_cast<A>(x > A(0)) - static_cast<A>(x < A(0));  // 0 for +-0 and NaN, like torch.sign
-}
-
-// (c1, c2x2) of weight_penalty_kernels.h's formulas, rounded as autograd rounds them, in the
-// compute type A. Backward reads grad_output where it lives (device memory on CUDA): no
-// host synchronisation.
-template <typename A>
-FASTREG_HOST_DEVICE void penalty_coefficients(PenaltyMode mode, const PenaltyScalars& s, A& c1, A& c2x2) {
-  const A l1 = static_cast<A>(s.l1), l2 = static_cast<A>(s.l2);
-  if (mode == PenaltyMode::Backward) {
-    const A go = s.grad_output_dtype == DType::Float64 ? static_cast<A>(*static_cast<const double*>(s.grad_output))
-                                                       : static_cast<A>(*static_cast<const float*>(s.grad_output));
-    c1 = mul_rn(go, l1);
-    c2x2 = mul_rn(A(2), mul_rn(go, l2));
-  } else {
-    c1 = l1;
-    c2x2 = mul_rn(A(2), l2);
-  }
 }
 
 template <typename T>

@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include "../common/compute_type.h"
+#include "weight_penalty_coefficients.h"
 #include "weight_penalty_kernels.h"
 
 #include "../common/no_fp_contract.h"  // gradients with autograd's bits on every machine
@@ -198,23 +199,13 @@ constexpr SpanFn kSpans[4][3] = {
     {span_bf16_value, span_bf16_accumulate, span_bf16_backward},
 };
 
-double grad_output_value(const PenaltyScalars& scalars) {
-  return scalars.grad_output_dtype == DType::Float64 ? *static_cast<const double*>(scalars.grad_output)
-                                                     : static_cast<double>(*static_cast<const float*>(scalars.grad_output));
-}
-
-// (c1, c2x2) of the header's formulas, rounded as autograd rounds them: in the compute type A.
+// (c1, c2x2) in the compute type A, by the rule the CUDA kernel and the reference share.
 template <typename A>
 void coefficients(PenaltyMode mode, const PenaltyScalars& scalars, double& c1, double& c2x2) {
-  const A l1 = static_cast<A>(scalars.l1), l2 = static_cast<A>(scalars.l2);
-  if (mode == PenaltyMode::Backward) {
-    const A go = static_cast<A>(grad_output_value(scalars));
-    c1 = go * l1;
-    c2x2 = A(2) * (go * l2);
-  } else {
-    c1 = l1;
-    c2x2 = A(2) * l2;
-  }
+  A a1, a2;
+  penalty_coefficients<A>(mode, scalars, a1, a2);
+  c1 = a1;  // exact: penalty_span casts them back to A
+  c2x2 = a2;
 }
 
 }  // namespace

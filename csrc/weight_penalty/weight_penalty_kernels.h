@@ -4,7 +4,8 @@
 // Per tensor w (and its gradient g) the kernels compute, in one pass over memory:
 //   S1 = sum |w|,  S2 = sum w^2                         (the value is l1 * S1 + l2 * S2)
 //   Accumulate: g <- g + (l1 * sign(w) + (2 * l2) * w)   (sign(0) = 0, as in PyTorch)
-//   Backward:   out <- (go * l1) * sign(w) + (2 * (go * l2)) * w
+//   Backward:   out <- (go * l1) * sign(w) + (2 * (go * l2)) * w   (go * l in the value's dtype:
+//                                                                  weight_penalty_coefficients.h)
 // in fp32 for fp32/fp16/bf16 tensors and fp64 for fp64 tensors, with one rounding to the
 // tensor's dtype at the end. The expressions and their order are those of autograd on the
 // naive formula, so fp32 gradients match it bit for bit. Sums are reduced in a fixed order
@@ -34,7 +35,7 @@ struct PenaltyScalars {
   double l1;                  // >= 0
   double l2;                  // >= 0
   const void* grad_output;    // Backward: one element of grad_output_dtype (a host pointer on CPU, device on CUDA)
-  DType grad_output_dtype;    // Float32 or Float64
+  DType grad_output_dtype;    // the value's dtype: Float32, or Float64 when any tensor is float64
 };
 
 // Elements per unit of work. Chunks are cut from each tensor independently of the thread

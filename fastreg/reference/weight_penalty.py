@@ -187,18 +187,23 @@ def check_grad_output(grad_output: torch.Tensor, params) -> None:
 def weight_penalty_backward(
     grad_output: torch.Tensor, params: list[torch.Tensor], l1: float, l2: float
 ) -> list[torch.Tensor]:
-    """[(go * l1) * sign(p) + 2 * (go * l2) * p for p in params], laid out like memory_dense(p)."""
+    """[(go * l1) * sign(p) + 2 * (go * l2) * p for p in params], laid out like memory_dense(p).
+
+    go * l1 and go * l2 are formed in the value's dtype and then cast to each parameter's compute
+    dtype, as autograd forms them on the naive formula (csrc/weight_penalty/weight_penalty_coefficients.h):
+    with a float64 parameter in the list, a float32 one gets float(double(go) * l1)."""
     check_coefficients(l1, l2)
     check_params(params)
     check_grad_output(grad_output, params)
     go = grad_output.detach().reshape(()).to(value_dtype(params))
+    go_l1 = go * torch.tensor(l1, dtype=go.dtype, device=go.device)
+    go_l2 = go * torch.tensor(l2, dtype=go.dtype, device=go.device)
     outputs = []
     for p in params:
         dense = memory_dense(p.detach())
         dtype = compute_dtype(p.dtype)
-        go_c = go.to(dtype)
-        c1 = go_c * torch.tensor(l1, dtype=dtype, device=p.device)
-        c2x2 = 2 * (go_c * torch.tensor(l2, dtype=dtype, device=p.device))
+        c1 = go_l1.to(dtype)
+        c2x2 = 2 * go_l2.to(dtype)
         out = torch.empty_like(dense)
         out.copy_(_sign_term(dense.to(dtype), c1, c2x2))
         outputs.append(out)
