@@ -30,7 +30,6 @@ like real models (:func:`resnet50_like_params`, :func:`gpt2_small_like_params`,
 from __future__ import annotations
 
 import numbers
-import operator
 from collections.abc import Iterable
 
 import torch
@@ -52,6 +51,10 @@ __all__ = [
     "small_cpu_params",
     "weight_penalty",
 ]
+
+
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, nn.Parameter))
+_NATIVE_LOOP = None  # torch.classes.fastreg.WeightPenaltyGroup, made at the first WeightPenalty.add_grad_
 
 
 def _check_ordered(params, where: str) -> None:
@@ -207,8 +210,6 @@ class WeightPenalty:
                     )
                 seen[id(p)] = index
             self.param_groups.append(group)
-        # group index -> (the tensors it was made for, WeightPenaltyGroup or None): see _native_group
-        self._native: dict[int, tuple[tuple[torch.Tensor, ...], object]] = {}
 
     @staticmethod
     def _check_param(p, group: int, i: int) -> None:
@@ -238,13 +239,13 @@ class WeightPenalty:
         """Adds the penalty's gradient into every ``.grad`` in place and returns the penalty value."""
         values = []
         compiling = torch.compiler.is_compiling()
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             l1, l2 = group["l1"], group["l2"]
             if l1 == 0.0 and l2 == 0.0:
                 continue
-            native = None if compiling else self._native_group(index, group["params"])
+            native = None if compiling else self._native_loop(group["params"])
             if native is not None:
-                values.extend(native.add_grad_(l1, l2))
+                values.extend(native.add_grad_(group["params"], l1, l2))
                 continue
             # The same loop as WeightPenaltyGroup.add_grad_ (csrc/weight_penalty/weight_penalty_group.cpp),
             # for the reference backend and for torch.compile. One pass, each attribute read once
@@ -271,23 +272,21 @@ class WeightPenalty:
                     values.append(torch.ops.fastreg.weight_penalty_value(frozen, l1, l2))
         return _sum_values(values) if values else torch.zeros((), dtype=torch.float32)
 
-    def _native_group(self, index: int, params: list[torch.Tensor]):
-        """The compiled loop for a group (``torch.classes.fastreg.WeightPenaltyGroup``), or None
-        where the Python loop must run: no compiled library (the reference backend), or a
-        parameter of a tensor subclass, whose attribute overrides only Python honours. Made at
-        the first call and again whenever the group's list no longer holds the same tensors."""
-        cached = self._native.get(index)
-        if cached is not None and len(cached[0]) == len(params) and all(map(operator.is_, cached[0], params)):
-            return cached[1]
-        native = None
-        if all(type(p) in (torch.Tensor, nn.Parameter) for p in params) and _loader.load_kernels("cpu"):
-            native = torch.classes.fastreg.WeightPenaltyGroup(list(params))
-        self._native[index] = (tuple(params), native)
-        return native
-
-    def __getstate__(self) -> dict:
-        # The compiled objects do not pickle; they are made again at the next add_grad_.
-        return {**self.__dict__, "_native": {}}
+    @staticmethod
+    def _native_loop(params: list[torch.Tensor]):
+        """The compiled loop (``torch.classes.fastreg.WeightPenaltyGroup``), or None where the
+        Python loop must run: no compiled library (the reference backend), or a parameter of a
+        tensor subclass, whose attribute overrides only Python honours. It takes the group's list
+        at each call and keeps nothing: ``torch.utils.swap_tensors`` (``module.to()`` with
+        ``swap_module_params_on_conversion``, ``load_state_dict(assign=True)``) refuses tensors
+        referenced elsewhere, and puts another tensor, and maybe another class, under the same
+        Python object, so nothing may be decided once for a group's objects."""
+        global _NATIVE_LOOP
+        if not _PLAIN_TENSOR_TYPES.issuperset(map(type, params)):
+            return None
+        if _NATIVE_LOOP is None and _loader.load_kernels("cpu"):
+            _NATIVE_LOOP = torch.classes.fastreg.WeightPenaltyGroup()
+        return _NATIVE_LOOP
 
     def __repr__(self) -> str:
         groups = ", ".join(f"({len(g['params'])} tensors, l1={g['l1']}, l2={g['l2']})" for g in self.param_groups)
