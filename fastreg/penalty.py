@@ -66,7 +66,7 @@ def _check_ordered(params, where: str) -> None:
 
 
 def _coefficients(l1, l2) -> tuple[float, float]:
-    """The coefficients as checked floats; one-element tensors are taken by value."""
+    """The coefficients as checked floats; one-element tensors are taken by value (not under torch.compile)."""
     out = []
     for name, c in (("l1", l1), ("l2", l2)):
         if isinstance(c, torch.Tensor):
@@ -79,6 +79,12 @@ def _coefficients(l1, l2) -> tuple[float, float]:
             if c.numel() != 1:
                 raise ValueError(
                     f"fastreg.weight_penalty: {name} must be one number, got a tensor of shape {list(c.shape)}"
+                )
+            if torch.compiler.is_compiling():
+                # Its value would be read on the host inside the graph (a data-dependent float), and
+                # could not be checked there.
+                raise TypeError(
+                    "fastreg.weight_penalty: under torch.compile pass l1 and l2 as Python floats, not tensors"
                 )
         elif not isinstance(c, numbers.Real):
             raise TypeError(f"fastreg.weight_penalty: {name} must be a number, got {type(c).__name__}")
@@ -126,7 +132,47 @@ def weight_penalty(params: Iterable[torch.Tensor], l1: float = 0.0, l2: float = 
     if not groups:
         return torch.zeros((), dtype=torch.float32)
     _loader.load_before_dispatch(groups[0][0])
+    if torch.compiler.is_compiling():
+        return _sum_values([_traced_value(group, l1, l2) for group in groups])
     return _sum_values([torch.ops.fastreg.weight_penalty_value(group, l1, l2) for group in groups])
+
+
+# Under torch.compile the ops' float arguments are specialised: every new value of a coefficient
+# (a schedule) would be a new graph, until Dynamo's recompile limit. So there each coefficient
+# multiplies, as a tensor operation, what the ops compute with a unit coefficient; Dynamo makes
+# a coefficient that changes into a symbolic input of one graph, as it does for the naive formula.
+
+
+def _traced_value(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
+    """weight_penalty_value(params, l1, l2) under torch.compile: one pass per nonzero coefficient."""
+    terms = []
+    if l1 != 0.0:
+        terms.append(l1 * torch.ops.fastreg.weight_penalty_value(params, 1.0, 0.0))
+    if l2 != 0.0:
+        terms.append(l2 * torch.ops.fastreg.weight_penalty_value(params, 0.0, 1.0))
+    if not terms:
+        return torch.ops.fastreg.weight_penalty_value(params, 0.0, 0.0)
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _traced_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
+    """weight_penalty_grad_(grads, params, l1, l2) under torch.compile: ``g += l1 * sign(w) + (2 * l2) * w``
+    as foreach operations, which Inductor fuses into one pass, and the value as in _traced_value."""
+
+    def scalar(c):
+        # A 0-dim tensor, not a number: _foreach_mul(tensors, symbolic float) kept the value of the
+        # trace and ignored later ones (torch 2.13), silently. Each tensor is multiplied in its own dtype.
+        return torch.ones((), dtype=torch.float64, device=params[0].device) * c
+
+    step = None
+    if l1 != 0.0:
+        step = torch._foreach_mul(torch._foreach_sign(params), scalar(l1))
+    if l2 != 0.0:
+        scaled = torch._foreach_mul(params, scalar(2.0 * l2))
+        step = scaled if step is None else torch._foreach_add(step, scaled)
+    if step is not None:
+        torch._foreach_add_(grads, step)
+    return _traced_value(params, l1, l2)
 
 
 def select_decay_parameters(
@@ -241,6 +287,9 @@ class WeightPenalty:
         compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             l1, l2 = group["l1"], group["l2"]
+            if compiling:
+                # Eagerly the ops check them; the traced path passes the ops unit coefficients.
+                l1, l2 = _coefficients(l1, l2)
             if l1 == 0.0 and l2 == 0.0:
                 continue
             native = None if compiling else self._native_loop(group["params"])
@@ -267,9 +316,15 @@ class WeightPenalty:
                     lists[2].append(p)
             for trainable, grads, frozen in by_device.values():
                 if trainable:
-                    values.append(torch.ops.fastreg.weight_penalty_grad_(grads, trainable, l1, l2))
+                    if compiling:
+                        values.append(_traced_grad_(grads, trainable, l1, l2))
+                    else:
+                        values.append(torch.ops.fastreg.weight_penalty_grad_(grads, trainable, l1, l2))
                 if frozen:
-                    values.append(torch.ops.fastreg.weight_penalty_value(frozen, l1, l2))
+                    if compiling:
+                        values.append(_traced_value(frozen, l1, l2))
+                    else:
+                        values.append(torch.ops.fastreg.weight_penalty_value(frozen, l1, l2))
         return _sum_values(values) if values else torch.zeros((), dtype=torch.float32)
 
     @staticmethod

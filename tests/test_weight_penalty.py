@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from fastreg import _loader, penalty
 from fastreg._library import has_kernel
@@ -612,6 +613,108 @@ def test_torch_compile_fullgraph(device):
     g_compiled, g_eager = make([(4, 4), (9,)], device=device, seed=1), make([(4, 4), (9,)], device=device, seed=1)
     v = torch.compile(inplace, fullgraph=True)(g_compiled, params)
     assert torch.equal(v, inplace(g_eager, params)) and mismatch(g_compiled, g_eager, exact=True) is None
+
+
+def _compile_error_text(excinfo) -> str:
+    """Dynamo reports an error raised while it traces in an exception of its own: the message
+    is in its text or its cause's."""
+    return f"{excinfo.value} {excinfo.value.__cause__}"
+
+
+@pytest.mark.parametrize("which", ["l1", "l2"])
+def test_torch_compile_follows_a_changing_coefficient_in_two_graphs(which):
+    """A coefficient schedule under torch.compile: a graph for the first value and one taking the
+    coefficient as a symbolic float for all others, as for the naive formula. It failed at the
+    second value (fullgraph: math.isfinite of a symbolic float), and the ops' float arguments
+    would have made a graph per value, up to Dynamo's recompile limit."""
+    use_kernels("cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    params = [p.requires_grad_() for p in make([(6, 5), (7,), (3, 2, 2)])]
+
+    def coefficients(c):
+        return (c, 0.05) if which == "l1" else (0.05, c)
+
+    def penalised(c):
+        l1, l2 = coefficients(c)
+        return penalty.weight_penalty(params, l1=l1, l2=l2)
+
+    compiled = torch.compile(penalised, fullgraph=True, backend="aot_eager")
+    for step in range(12):
+        c = 0.1 * (step + 1)
+        for p in params:
+            p.grad = None
+        value = compiled(c)
+        (value * 1.5).backward()
+        naive = [p.detach().clone().requires_grad_() for p in params]
+        expected = ref.naive_penalty(naive, *coefficients(c))
+        (expected * 1.5).backward()
+        assert mismatch(value.detach(), expected.detach()) is None, step
+        assert mismatch([p.grad for p in params], [n.grad for n in naive]) is None, step
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_torch_compile_checks_coefficients_that_change():
+    """Negative, nan and inf coefficients are refused under torch.compile too, also once the
+    coefficient is a symbolic float (a torch._check there); eagerly the message is unchanged."""
+    use_kernels("cpu")
+    torch._dynamo.reset()
+    params = [p.requires_grad_() for p in make([(4, 3)])]
+    compiled = torch.compile(lambda c: penalty.weight_penalty(params, l2=c), fullgraph=True, backend="aot_eager")
+    compiled(0.1)
+    compiled(0.2)  # the second graph: l2 symbolic
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(Exception) as excinfo:
+            compiled(bad)
+        assert "fastreg.weight_penalty: l2 must be a finite number >= 0" in _compile_error_text(excinfo), bad
+        with pytest.raises(ValueError, match=f"l2 must be a finite number >= 0, got {bad}"):
+            penalty.weight_penalty(params, l2=bad)
+    assert math.isclose(float(compiled(0.3).detach()), 0.3 * naive_fp64(params, 0.0, 1.0), rel_tol=1e-6)
+
+
+def test_torch_compile_asks_for_float_coefficients():
+    """A tensor coefficient under torch.compile would be a data-dependent float in the graph (it
+    failed with a guard error on float(c)); the error names the fix. Eagerly it is taken by value."""
+    use_kernels("cpu")
+    torch._dynamo.reset()
+    params = [p.requires_grad_() for p in make([(4, 3)])]
+    compiled = torch.compile(lambda c: penalty.weight_penalty(params, l2=c), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception) as excinfo:
+        compiled(torch.tensor(0.1))
+    assert "under torch.compile pass l1 and l2 as Python floats, not tensors" in _compile_error_text(excinfo)
+    assert torch.equal(penalty.weight_penalty(params, l2=torch.tensor(0.1)), penalty.weight_penalty(params, l2=0.1))
+
+
+def test_compiled_add_grad_follows_a_coefficient_schedule():
+    """WeightPenalty's coefficients changed in param_groups before each compiled add_grad_ (as a
+    scheduler changes lr): two graphs, the formula's gradients at every step. It recompiled per
+    value and failed at Dynamo's recompile limit (fullgraph), after about 9 values."""
+    use_kernels("cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    params = [p.requires_grad_() for p in make([(6, 5), (7,), (3, 2, 2)])]
+    frozen = make([(5,)], seed=4)[0]  # counts in the value only
+    wp = penalty.WeightPenalty([*params, frozen], l1=0.01, l2=0.1)
+    compiled = torch.compile(wp.add_grad_, fullgraph=True)
+    start = make([(6, 5), (7,), (3, 2, 2)], seed=2)
+    for step in range(12):
+        l1, l2 = 0.01 * (step + 1), 0.1 / (step + 1)
+        wp.param_groups[0]["l1"], wp.param_groups[0]["l2"] = l1, l2
+        for p, g in zip(params, start):
+            p.grad = g.clone()
+        value = compiled()
+        naive = [p.detach().clone().requires_grad_() for p in params]
+        for n, g in zip(naive, start):
+            n.grad = g.clone()
+        ref.naive_penalty(naive, l1, l2).backward()
+        assert_value_close(value, [*params, frozen], l1, l2)
+        assert mismatch([p.grad for p in params], [n.grad for n in naive]) is None, step
+        assert frozen.grad is None
+    assert counters["stats"]["unique_graphs"] == 2
+    wp.param_groups[0]["l2"] = -1.0
+    with pytest.raises(Exception) as excinfo:
+        compiled()
+    assert "l2 must be a finite number >= 0" in _compile_error_text(excinfo)
 
 
 # --- baselines and model-shaped lists --------------------------------------------------------

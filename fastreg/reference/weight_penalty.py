@@ -11,6 +11,7 @@ computed in float32 and rounded once (autograd rounds after each step).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -22,8 +23,20 @@ GRAD_DIFFERENTIABLE_FORM = "fastreg.functional.weight_penalty(params, l1, l2), w
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
+_FLOAT_MAX = sys.float_info.max
+
 
 def check_coefficients(l1: float, l2: float) -> None:
+    if torch.compiler.is_compiling():
+        # A coefficient that changes between calls is a symbolic float there, which math.isfinite
+        # cannot take, and a message cannot format. 0 <= c <= the largest float is the same test
+        # (nan and inf fail it); Dynamo keeps a torch._check as a guard and an assert of the graph,
+        # so each new value is checked too.
+        torch._check(l1 >= 0.0, lambda: "fastreg.weight_penalty: l1 must be a finite number >= 0")
+        torch._check(l1 <= _FLOAT_MAX, lambda: "fastreg.weight_penalty: l1 must be a finite number >= 0")
+        torch._check(l2 >= 0.0, lambda: "fastreg.weight_penalty: l2 must be a finite number >= 0")
+        torch._check(l2 <= _FLOAT_MAX, lambda: "fastreg.weight_penalty: l2 must be a finite number >= 0")
+        return
     for name, value in (("l1", l1), ("l2", l2)):
         if not (math.isfinite(value) and value >= 0.0):
             raise ValueError(f"fastreg.weight_penalty: {name} must be a finite number >= 0, got {value}")
