@@ -35,12 +35,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _loader
 from .ops import weight_penalty as _ops  # noqa: F401  (defines the ops)
 from .reference.weight_penalty import SUPPORTED_DTYPES, check_coefficients, naive_penalty
 
 __all__ = [
+    "DECAY_TYPES",
     "WeightPenalty",
     "foreach_penalty_",
     "gpt2_small_like_params",
@@ -175,16 +178,83 @@ def _traced_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], l1: flo
     return _traced_value(params, l1, l2)
 
 
-def select_decay_parameters(
-    module: nn.Module, decay_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-) -> list[nn.Parameter]:
-    """The parameters usually penalised: the ``weight`` of every Linear and Conv layer
-    (Conv1d/2d/3d and transposed), not biases, norm-layer scales and shifts or embeddings.
+#: The layers whose weights :func:`select_decay_parameters` takes by default: those whose weights
+#: are the matrices of linear maps.
+DECAY_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+    nn.RNNCellBase,
+)
 
-    Pass other ``decay_types`` to widen or narrow the choice. Shared weights appear once;
-    frozen ones (``requires_grad=False``) are left out. A parametrized weight (``torch.nn.utils.
-    parametrizations.weight_norm``, ``spectral_norm``, ...) is computed from other tensors: its
-    ``original`` tensors (``original0``, ``original1``, ... for weight norm) are taken. Typical use::
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """The names of a layer's linear-map weights (whether or not they are Parameters now)."""
+    if isinstance(module, nn.MultiheadAttention):
+        # one packed q/k/v matrix, or three when kdim or vdim differ from embed_dim (the others
+        # are None); out_proj is a Linear of its own
+        return ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    if isinstance(module, nn.RNNBase):
+        directions = ["", "_reverse"] if module.bidirectional else [""]
+        kinds = ["ih", "hh", "hr"] if getattr(module, "proj_size", 0) > 0 else ["ih", "hh"]
+        return [f"weight_{k}_l{layer}{d}" for layer in range(module.num_layers) for d in directions for k in kinds]
+    if isinstance(module, nn.RNNCellBase):
+        return ["weight_ih", "weight_hh"]
+    return ["weight"]
+
+
+def _trained_tensors(module: nn.Module, name: str) -> list[torch.Tensor]:
+    """The parameters the optimizer updates for the weight ``module.<name>``: the weight itself,
+    or, where it is computed from others, those. New-style parametrizations
+    (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``, ...) keep them in
+    ``module.parametrizations.<name>``; the old hooks ``torch.nn.utils.weight_norm`` and
+    ``torch.nn.utils.spectral_norm`` make ``<name>`` a plain tensor computed from the parameters
+    ``<name>_g`` and ``<name>_v``, or ``<name>_orig``."""
+    if parametrize.is_parametrized(module, name):
+        return list(module.parametrizations[name].parameters(recurse=False))
+    weight = module._parameters.get(name)
+    if weight is not None:
+        return [weight]
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return [module._parameters[name + "_g"], module._parameters[name + "_v"]]
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            return [module._parameters[name + "_orig"]]
+    return []
+
+
+def select_decay_parameters(
+    module: nn.Module, decay_types: tuple[type[nn.Module], ...] = DECAY_TYPES
+) -> list[nn.Parameter]:
+    """The parameters usually penalised: the matrices of linear maps, not biases, the scales
+    and shifts of norm layers, or embeddings.
+
+    By default (``DECAY_TYPES``) that is, for each layer of these types:
+
+    * ``nn.Linear`` (also ``LazyLinear`` and the ``out_proj`` of attention), ``nn.Bilinear`` and
+      every convolution (``Conv1d/2d/3d``, transposed, lazy): ``weight``;
+    * ``nn.MultiheadAttention`` (so also the attention of ``TransformerEncoderLayer`` and
+      ``TransformerDecoderLayer``): ``in_proj_weight``, or ``q_proj_weight``,
+      ``k_proj_weight`` and ``v_proj_weight`` when ``kdim`` or ``vdim`` differ from
+      ``embed_dim``; its ``out_proj`` is a Linear. Not ``in_proj_bias``, ``bias_k``, ``bias_v``;
+    * ``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: ``weight_ih_l<k>`` and ``weight_hh_l<k>`` of every
+      layer, the ``_reverse`` ones of a bidirectional module, and an LSTM's projections
+      ``weight_hr_l<k>``; ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell``: ``weight_ih``, ``weight_hh``.
+
+    Never taken by default: ``bias`` and ``bias_*`` tensors, ``nn.Embedding``, norm layers
+    (``BatchNorm``, ``LayerNorm``, ``GroupNorm``, ...), ``nn.PReLU``. Pass other
+    ``decay_types`` to widen or narrow the choice: a layer of a type in it contributes the
+    tensors above, or its ``weight`` for other types (``decay_types=(*fastreg.penalty.DECAY_TYPES,
+    nn.Embedding)`` adds embeddings).
+
+    Shared weights appear once; frozen ones (``requires_grad=False``) are left out. A weight
+    computed from other tensors contributes those, which are what the optimizer updates:
+    ``original`` (``original0`` and ``original1`` for weight norm) of a parametrized weight
+    (``torch.nn.utils.parametrizations``), ``weight_g`` and ``weight_v`` of the old
+    ``torch.nn.utils.weight_norm``, ``weight_orig`` of the old ``torch.nn.utils.spectral_norm``.
+    Typical use::
 
         decay = fastreg.select_decay_parameters(model)
         penalty = fastreg.WeightPenalty(decay, l2=1e-4)
@@ -194,14 +264,11 @@ def select_decay_parameters(
     for child in module.modules():
         if not isinstance(child, decay_types):
             continue
-        if parametrize.is_parametrized(child, "weight"):
-            weights = list(child.parametrizations.weight.parameters(recurse=False))
-        else:
-            weights = [getattr(child, "weight", None)]
-        for weight in weights:
-            if isinstance(weight, nn.Parameter) and weight.requires_grad and id(weight) not in seen:
-                seen.add(id(weight))
-                selected.append(weight)
+        for name in _weight_names(child):
+            for weight in _trained_tensors(child, name):
+                if isinstance(weight, nn.Parameter) and weight.requires_grad and id(weight) not in seen:
+                    seen.add(id(weight))
+                    selected.append(weight)
     return selected
 
 

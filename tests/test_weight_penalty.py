@@ -1033,6 +1033,79 @@ def test_select_decay_parameters_takes_the_tensors_of_parametrized_weights():
     ]
 
 
+def _selected_names(module, **kwargs) -> list[str]:
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for p in penalty.select_decay_parameters(module, **kwargs)]
+
+
+def test_select_decay_parameters_takes_attention_projections():
+    # in_proj_weight (or q/k/v_proj_weight) were left out: a Transformer's attention was half decayed
+    packed = nn.MultiheadAttention(8, 2)
+    assert _selected_names(packed) == ["in_proj_weight", "out_proj.weight"]
+    separate = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, bias=True, add_bias_kv=True)
+    assert _selected_names(separate) == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    assert _selected_names(layer) == [
+        "self_attn.in_proj_weight",
+        "self_attn.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    ]
+    # narrowed to Linear: out_proj only
+    assert _selected_names(layer, decay_types=(nn.Linear,)) == [
+        "self_attn.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    ]
+
+
+def test_select_decay_parameters_takes_recurrent_weights():
+    lstm = nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3)
+    expected = [
+        f"weight_{kind}_l{layer}{direction}"
+        for layer in (0, 1)
+        for direction in ("", "_reverse")
+        for kind in ("ih", "hh", "hr")
+    ]
+    assert _selected_names(lstm) == expected
+    assert _selected_names(nn.GRU(3, 5)) == ["weight_ih_l0", "weight_hh_l0"]
+    assert _selected_names(nn.RNN(3, 5, num_layers=2)) == [
+        "weight_ih_l0",
+        "weight_hh_l0",
+        "weight_ih_l1",
+        "weight_hh_l1",
+    ]
+    for cell in (nn.RNNCell(3, 4), nn.LSTMCell(3, 4), nn.GRUCell(3, 4)):
+        assert _selected_names(cell) == ["weight_ih", "weight_hh"]
+
+
+def test_select_decay_parameters_takes_bilinear_weights_and_leaves_the_rest():
+    net = nn.Sequential(nn.Bilinear(3, 4, 5), nn.Embedding(10, 5), nn.LayerNorm(5), nn.GroupNorm(1, 5), nn.PReLU())
+    assert _selected_names(net) == ["0.weight"]
+    widened = _selected_names(net, decay_types=(*penalty.DECAY_TYPES, nn.Embedding))
+    assert widened == ["0.weight", "1.weight"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_select_decay_parameters_takes_the_parameters_of_old_weight_and_spectral_norm():
+    # torch.nn.utils.weight_norm / spectral_norm make 'weight' a plain tensor computed from
+    # weight_g and weight_v, or weight_orig: those, which the optimizer updates, were left out
+    net = nn.Sequential(
+        nn.utils.weight_norm(nn.Linear(4, 4)),
+        nn.utils.spectral_norm(nn.Conv2d(2, 3, 3)),
+        nn.utils.weight_norm(nn.GRU(3, 3), name="weight_hh_l0"),
+    )
+    assert _selected_names(net) == [
+        "0.weight_g",
+        "0.weight_v",
+        "1.weight_orig",
+        "2.weight_ih_l0",
+        "2.weight_hh_l0_g",
+        "2.weight_hh_l0_v",
+    ]
+    assert not isinstance(net[0].weight, nn.Parameter) and not isinstance(net[1].weight, nn.Parameter)
+
+
 def test_value_above_the_float32_range_is_inf_like_the_formula():
     """A float32 value beyond float32's range is inf, as the naive formula's float32 sum is."""
     use_kernels("cpu")
