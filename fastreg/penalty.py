@@ -289,6 +289,19 @@ class WeightPenalty:
       are skipped (their gradient is 0), so their ``.grad`` stays as it is, None included.
     * calling the object returns the penalty as a differentiable scalar (to add to the loss).
     * :meth:`value` returns it without building a graph.
+
+    Where :meth:`add_grad_` goes in a training step:
+
+    * with ``torch.amp.GradScaler``, after ``scaler.unscale_(optimizer)`` and before
+      ``scaler.step(optimizer)``: the gradients are then unscaled, as the penalty's gradient is.
+      Before ``unscale_`` it would be added, unscaled, to scaled gradients, and then divided by
+      the scale (65536 at first): a penalty that many times too weak;
+    * with gradient accumulation, once per optimizer step, after the last micro-batch's
+      backward: once per micro-batch would add the penalty's gradient that many times.
+
+    Coefficients are read from ``param_groups`` at each call, as optimizers read ``lr``: a
+    scheduler may change them. Under ``torch.compile`` a coefficient that changes from call to
+    call becomes a symbolic input of one graph (docs/weight_penalty.md, "torch.compile").
     """
 
     def __init__(self, params, l1: float = 0.0, l2: float = 0.0) -> None:

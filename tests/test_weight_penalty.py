@@ -1203,6 +1203,83 @@ def test_forward_mode_ad_is_refused_not_dropped(requires_grad):
         penalty.weight_penalty([fwAD.make_dual(w, torch.ones_like(w))], l1=0.1, l2=0.2)
 
 
+# --- training-loop recipes (docs/weight_penalty.md) -------------------------------------------
+
+
+def _sgd_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+
+def test_add_grad_after_grad_scaler_unscale_matches_the_naive_formula():
+    """With a GradScaler, add_grad_ goes after scaler.unscale_(optimizer): before it, the
+    penalty's gradient would be added, unscaled, to scaled gradients (65536x too weak here)."""
+    use_kernels("cpu")
+    x, y = torch.randn(8, 5, generator=torch.Generator().manual_seed(1)), torch.randn(8, 3)
+    results = {}
+    for recipe in ("naive", "fastreg", "fastreg_before_unscale"):
+        model, optimizer = _sgd_model()
+        decay = penalty.select_decay_parameters(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        wp = penalty.WeightPenalty(decay, l1=1e-3, l2=1e-2)
+        loss = (model(x) - y).square().mean()
+        if recipe == "naive":
+            scaler.scale(loss + ref.naive_penalty(decay, 1e-3, 1e-2)).backward()
+        else:
+            scaler.scale(loss).backward()
+            if recipe == "fastreg":
+                scaler.unscale_(optimizer)
+                wp.add_grad_()
+            else:
+                wp.add_grad_()
+        scaler.step(optimizer)
+        scaler.update()
+        results[recipe] = [p.detach().clone() for p in model.parameters()]
+    assert mismatch(results["fastreg"], results["naive"]) is None
+    assert mismatch(results["fastreg_before_unscale"], results["naive"]) is not None
+
+
+def test_add_grad_once_per_step_with_gradient_accumulation_matches_the_naive_formula():
+    """With gradient accumulation, add_grad_ runs once per optimizer step, after the last micro-batch
+    (once per micro-batch would add the penalty's gradient that many times)."""
+    use_kernels("cpu")
+    micro = [(torch.randn(4, 5), torch.randn(4, 3)) for _ in range(4)]
+    results = {}
+    for recipe in ("naive", "fastreg", "fastreg_per_micro_batch"):
+        model, optimizer = _sgd_model()
+        decay = penalty.select_decay_parameters(model)
+        wp = penalty.WeightPenalty(decay, l2=1e-2)
+        for x, y in micro:
+            loss = (model(x) - y).square().mean() / len(micro)
+            if recipe == "naive":  # the formula in every micro-batch's loss, scaled like it
+                loss = loss + ref.naive_penalty(decay, 0.0, 1e-2) / len(micro)
+            loss.backward()
+            if recipe == "fastreg_per_micro_batch":
+                wp.add_grad_()
+        if recipe == "fastreg":
+            wp.add_grad_()
+        optimizer.step()
+        results[recipe] = [p.detach().clone() for p in model.parameters()]
+    assert mismatch(results["fastreg"], results["naive"]) is None
+    assert mismatch(results["fastreg_per_micro_batch"], results["naive"]) is not None
+
+
+def test_torch_func_hessian_is_refused_and_jacrev_of_jacrev_works():
+    """torch.func.hessian is forward-over-reverse: forward-mode AD, which the ops refuse rather
+    than drop; reverse-over-reverse (jacrev(jacrev(f))) works (docs/weight_penalty.md)."""
+    from torch.func import hessian, jacrev
+
+    x = torch.randn(4, dtype=torch.float64)
+
+    def f(q):
+        return penalty.weight_penalty([q], l1=0.3, l2=0.7)
+
+    with pytest.raises(NotImplementedError, match=r"forward.mode AD"):
+        hessian(f)(x)
+    torch.testing.assert_close(jacrev(jacrev(f))(x), 1.4 * torch.eye(4, dtype=torch.float64))
+
+
 # --- mixed float32 + float64 lists --------------------------------------------------------------
 
 
