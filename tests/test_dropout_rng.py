@@ -234,9 +234,17 @@ def test_kernel_draws_rng_state_like_the_reference(device):
     x = torch.randn(100, device=device)
     torch.manual_seed(3)
     out, _, state = torch.ops.fastreg.dropout(x, 0.5, 0)
+    after = torch.rand(4, device=device)
     torch.manual_seed(3)
     ref_out, _, ref_state = ref.dropout(x, 0.5, 0)
     assert torch.equal(state, ref_state) and torch.equal(out, ref_out)
+    assert torch.equal(torch.rand(4, device=device), after), "the draws must advance the generator alike"
+    for seed in range(20):  # explicit generators, and seeds whose draws differ in their high bits
+        kernel_gen, ref_gen = (torch.Generator(device=device).manual_seed(seed) for _ in range(2))
+        kernel_draws = [torch.ops.fastreg.dropout(x, 0.5, 0, kernel_gen)[2] for _ in range(3)]
+        ref_draws = [ref.dropout(x, 0.5, 0, ref_gen)[2] for _ in range(3)]
+        assert all(torch.equal(k, r) for k, r in zip(kernel_draws, ref_draws)), seed
+        assert torch.equal(kernel_gen.get_state(), ref_gen.get_state())
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

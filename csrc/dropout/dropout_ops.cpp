@@ -14,7 +14,7 @@ namespace {
 constexpr int64_t kGroupsPerTask = 2048;  // 16K elements: large enough to amortise a task
 
 DropoutRngState host_rng_state(const at::Tensor& rng_state) {
-  const at::Tensor host = rng_state.cpu();
+  const at::Tensor host = rng_state.is_cpu() ? rng_state : rng_state.cpu();
   const int64_t* v = host.data_ptr<int64_t>();
   return DropoutRngState{static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1])};
 }
@@ -40,12 +40,27 @@ std::tuple<at::Tensor, at::Tensor> forward_with_state(const at::Tensor& input, d
   return {out, mask};
 }
 
-// The same draw as the reference: one randint from the CPU generator is the Philox key.
-at::Tensor draw_rng_state(const std::optional<at::Generator>& generator) {
-  at::Tensor rng_state = at::zeros({2}, at::kLong);
-  rng_state.data_ptr<int64_t>()[0] =
-      at::randint(int64_t{1} << 62, {1}, generator, at::TensorOptions().dtype(at::kLong)).data_ptr<int64_t>()[0];
-  return rng_state;
+struct DrawnRngState {
+  at::Tensor tensor;  // (seed, offset), what the op returns and backward reads
+  DropoutRngState value;
+};
+
+// The same draw as the reference's torch.randint(2**62, (1,), generator=generator): for a range
+// of 2^32 or more, ATen's CPU randint takes random64() % range under the generator's lock.
+// Drawing it here spares a small call two tensor ops (randint, zeros) of its host time;
+// test_kernel_draws_rng_state_like_the_reference holds the two draws together.
+DrawnRngState draw_rng_state(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  uint64_t seed;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    seed = gen->random64() % (uint64_t{1} << 62);
+  }
+  at::Tensor tensor = at::empty({2}, at::kLong);
+  int64_t* v = tensor.data_ptr<int64_t>();
+  v[0] = static_cast<int64_t>(seed);
+  v[1] = 0;
+  return {tensor, DropoutRngState{seed, 0}};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, int64_t mask_mode,
@@ -55,9 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& inp
   check_dropout_p(p);  // every check before the generator advances: a refused call draws nothing
   dropout_mask_mode(mask_mode);
   check_dropout_generator(generator, input, "fastreg.dropout");
-  at::Tensor rng_state = draw_rng_state(generator);
-  auto [out, mask] = forward_with_state(input, p, host_rng_state(rng_state), mask_mode);
-  return {out, mask, rng_state};
+  const DrawnRngState rng = draw_rng_state(generator);
+  auto [out, mask] = forward_with_state(input, p, rng.value, mask_mode);
+  return {out, mask, rng.tensor};
 }
 
 // In place: a dense input is overwritten by the kernel itself (no output allocation, one pass);
@@ -73,14 +88,13 @@ std::tuple<at::Tensor, at::Tensor> dropout_inplace_cpu(at::Tensor& input, double
   const MaskMode mode = dropout_mask_mode(mask_mode);
   check_dropout_generator(generator, input, op);
   bump_version(input);
-  at::Tensor rng_state = draw_rng_state(generator);
-  const DropoutRngState rng = host_rng_state(rng_state);
+  const DrawnRngState rng = draw_rng_state(generator);
   if (input.is_non_overlapping_and_dense()) {
-    return {run_forward(input, input, p, rng, mode), rng_state};
+    return {run_forward(input, input, p, rng.value, mode), rng.tensor};
   }
-  auto [out, mask] = forward_with_state(input, p, rng, mask_mode);
+  auto [out, mask] = forward_with_state(input, p, rng.value, mask_mode);
   input.copy_(out);
-  return {mask, rng_state};
+  return {mask, rng.tensor};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_seeded_cpu(const at::Tensor& input, double p, const at::Tensor& rng_state,
