@@ -81,7 +81,8 @@ variable_list batch_norm_grads(const at::Tensor& grad_output, const std::vector<
   if (!training) {
     const at::ScalarType compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     mean = mean.to(compute);
-    invstd = at::rsqrt(invstd.to(compute) + state[kEps].toDouble());
+    // 1 / sqrt, each step rounded, as the forward computed it: at::rsqrt is approximate on CUDA.
+    invstd = (invstd.to(compute) + state[kEps].toDouble()).sqrt_().reciprocal_();
   }
   const std::optional<at::Tensor> w = weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
   // Through the dispatcher, so that create_graph=True meets the no-double-backward error below.

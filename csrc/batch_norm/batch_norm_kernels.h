@@ -58,6 +58,11 @@ void batch_norm_train_forward_cpu(const BatchNormLayout& layout, DType dtype, co
 void batch_norm_elemt_cpu(const BatchNormLayout& layout, DType dtype, const void* input, void* output,
                           const BatchNormAffine& affine);
 
+// invstd = 1 / sqrt(var + eps), each step rounded in `compute` (Float32 or Float64; var and
+// invstd hold `channels` values of it): the eval forward's invstd, as batch_norm_invstd_cuda
+// and the reference compute it.
+void batch_norm_invstd_cpu(int64_t channels, DType compute, const void* var, double eps, void* invstd);
+
 void batch_norm_backward_reduce_cpu(const BatchNormLayout& layout, DType dtype, const void* grad_output,
                                     const void* input, const void* mean, void* sum_dy, void* sum_dy_xmu);
 

@@ -191,7 +191,8 @@ def _eval_setup(ctx, inputs, output):
 def _eval_grad(ctx, grad_output):
     input, weight, running_mean, running_var = ctx.saved_tensors
     compute = ref.compute_dtype(input.dtype)
-    invstd = torch.rsqrt(running_var.to(compute) + ctx.eps)
+    # 1 / sqrt as the forward rounds it (torch.rsqrt is approximate on CUDA).
+    invstd = 1.0 / torch.sqrt(running_var.to(compute) + ctx.eps)
     grad_input, grad_weight, grad_bias = _grads(
         ctx, grad_output, input, weight, running_mean.to(compute), invstd, training=False
     )
