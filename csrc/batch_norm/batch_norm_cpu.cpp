@@ -144,6 +144,20 @@ void row_stats(const BatchNormLayout& layout, const void* x, std::vector<double>
   }
 }
 
+// Per-channel values repeated over the channel's columns, extended periodically.
+// Filled channel by channel, then copied forward: with a division per entry this took 3 us of
+// a small call (3 arrays of width + kPad entries, two 64-bit divisions each).
+template <typename A, typename F>
+std::vector<A> column_array(const RowWalk& walk, F&& per_channel) {
+  std::vector<A> out(walk.width + kPad);
+  for (int64_t c = 0, j = 0; j < walk.width; ++c) {
+    const A value = per_channel(c);
+    for (int64_t i = 0; i < walk.inner; ++i) out[j++] = value;
+  }
+  for (int64_t j = walk.width; j < walk.width + kPad; ++j) out[j] = out[j - walk.width];
+  return out;
+}
+
 // Per-channel (sum_dy, sum_dy_xmu) in double over the row walk.
 template <typename T>
 void row_reduce(const BatchNormLayout& layout, const void* dy, const void* x, const typename ComputeType<T>::type* mean,
@@ -152,8 +166,7 @@ void row_reduce(const BatchNormLayout& layout, const void* dy, const void* x, co
   const Kernels<T>& k = kernels<T>();
   const RowWalk walk(layout, block_elems<T>());
   const int64_t width = walk.width;
-  std::vector<double> mean_ext(width + kPad);
-  for (int64_t j = 0; j < width + kPad; ++j) mean_ext[j] = mean[(j % width) / walk.inner];
+  const std::vector<double> mean_ext = column_array<double>(walk, [&](int64_t c) { return double(mean[c]); });
   std::vector<double> gdy(walk.groups * width), gdyx(walk.groups * width);
   at::parallel_for(0, walk.groups, grain_for(2 * walk.group_rows * width), [&](int64_t g0, int64_t g1) {
     AlignedScratch<double> scratch(2 * (width + kPad));
@@ -178,13 +191,6 @@ void row_reduce(const BatchNormLayout& layout, const void* dy, const void* x, co
   }
 }
 
-// Per-channel values repeated over the channel's columns, extended periodically.
-template <typename A, typename F>
-std::vector<A> column_array(const RowWalk& walk, F&& per_channel) {
-  std::vector<A> out(walk.width + kPad);
-  for (int64_t j = 0; j < walk.width + kPad; ++j) out[j] = per_channel((j % walk.width) / walk.inner);
-  return out;
-}
 
 // The element-wise passes of the row walk go over the reduction's groups, split among the
 // threads as the reduction split them, each thread's in reverse order: the rows a thread
