@@ -191,7 +191,6 @@ void row_reduce(const BatchNormLayout& layout, const void* dy, const void* x, co
   }
 }
 
-
 // The element-wise passes of the row walk go over the reduction's groups, split among the
 // threads as the reduction split them, each thread's in reverse order: the rows a thread
 // reduced last are still in its caches.

@@ -46,7 +46,7 @@ struct DrawnRngState {
 };
 
 // The same draw as the reference's torch.randint(2**62, (1,), generator=generator): for a range
-// of 2^32 or more, ATen's CPU randint takes random64() % range under the generator's lock.
+// this wide, ATen's CPU randint takes random64() % range under the generator's lock.
 // Drawing it here spares a small call two tensor ops (randint, zeros) of its host time;
 // test_kernel_draws_rng_state_like_the_reference holds the two draws together.
 DrawnRngState draw_rng_state(const std::optional<at::Generator>& generator) {
