@@ -2,8 +2,9 @@
 
 Every implementation does the training-loop job: after backward, add the penalty's gradient
 into each ``.grad`` and return the penalty value. PyTorch's ways: autograd on the naive
-formula (what users write), the best ``torch._foreach_*`` pipeline, and torch.compile of it.
-Ideal bytes: read w, read g, write g: 12 bytes per fp32 parameter.
+formula (what users write), the best ``torch._foreach_*`` pipeline, and torch.compile of it;
+fastreg eagerly and under torch.compile (where it runs the same kernel through the ops'
+tensor-coefficient twins). Ideal bytes: read w, read g, write g: 12 bytes per fp32 parameter.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ PARAM_LISTS = {
     "resnet50_host": ("resnet50_host_shapes", "resnet50_host_params"),  # host cost per step
     "gpt2_small": ("gpt2_small_shapes", "gpt2_small_like_params"),
 }
-IMPLS = ("torch_autograd", "torch_foreach", "torch_compile", "fastreg", "reference")
+IMPLS = ("torch_autograd", "torch_foreach", "torch_compile", "fastreg", "fastreg_compile", "reference")
+COMPILED_IMPLS = ("torch_compile", "fastreg_compile")
 
 
 def _penalty_module() -> Any:
@@ -63,6 +65,11 @@ def _compiled_foreach(penalty, params, l1, l2) -> Callable[[], torch.Tensor]:
     return lambda: compiled(params, l1, l2)
 
 
+def _compiled_fastreg(fastreg_penalty) -> Callable[[], torch.Tensor]:
+    torch._dynamo.reset()
+    return torch.compile(fastreg_penalty.add_grad_, fullgraph=True)
+
+
 def implementations(penalty, params, l1: float, l2: float, names) -> dict[str, Callable[[], torch.Tensor]]:
     fastreg_penalty = penalty.WeightPenalty(params, l1=l1, l2=l2)
     makers = {
@@ -70,6 +77,7 @@ def implementations(penalty, params, l1: float, l2: float, names) -> dict[str, C
         "torch_foreach": lambda: lambda: penalty.foreach_penalty_(params, l1, l2),
         "torch_compile": lambda: _compiled_foreach(penalty, params, l1, l2),
         "fastreg": lambda: fastreg_penalty.add_grad_,
+        "fastreg_compile": lambda: _compiled_fastreg(fastreg_penalty),
         "reference": lambda: lambda: ref.weight_penalty_grad_([p.grad for p in params], params, l1, l2),
     }
     return {name: makers[name]() for name in names if name in makers}
@@ -124,7 +132,7 @@ def cases(bench_set: BenchSet, device: str, with_compile: Callable[[str], bool])
         case = Case(
             "penalty", "value_grad", torch.float32, list_name, numel, device, (), "torch_autograd", build, params
         )
-        names = tuple(n for n in IMPLS if n != "torch_compile" or with_compile(case.id)) + COPY_IMPLS
+        names = tuple(n for n in IMPLS if n not in COMPILED_IMPLS or with_compile(case.id)) + COPY_IMPLS
         found.append(dataclasses.replace(case, impl_names=names))
     return found
 
