@@ -140,42 +140,31 @@ def weight_penalty(params: Iterable[torch.Tensor], l1: float = 0.0, l2: float = 
     return _sum_values([torch.ops.fastreg.weight_penalty_value(group, l1, l2) for group in groups])
 
 
-# Under torch.compile the ops' float arguments are specialised: every new value of a coefficient
-# (a schedule) would be a new graph, until Dynamo's recompile limit. So there each coefficient
-# multiplies, as a tensor operation, what the ops compute with a unit coefficient; Dynamo makes
-# a coefficient that changes into a symbolic input of one graph, as it does for the naive formula.
+# Under torch.compile a custom op's float argument is specialised: every new value of a
+# coefficient (a schedule) would be a new graph, until Dynamo's recompile limit. So there the
+# ops' *_tensor_coefficients twins take each coefficient as a 0-dim CPU tensor, made from it by
+# a tensor operation: Dynamo makes a coefficient that changes into a symbolic input of one graph,
+# as it does for the naive formula, and the kernels are the eager ones.
+
+
+def _coefficient_tensor(c: float) -> torch.Tensor:
+    # ones * c, not torch.tensor(c): Dynamo turns a symbolic float in a multiplication into a
+    # tensor operation (it would specialise it elsewhere). On the CPU: the kernels read it on the host.
+    return torch.ones((), dtype=torch.float64) * c
 
 
 def _traced_value(params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
-    """weight_penalty_value(params, l1, l2) under torch.compile: one pass per nonzero coefficient."""
-    terms = []
-    if l1 != 0.0:
-        terms.append(l1 * torch.ops.fastreg.weight_penalty_value(params, 1.0, 0.0))
-    if l2 != 0.0:
-        terms.append(l2 * torch.ops.fastreg.weight_penalty_value(params, 0.0, 1.0))
-    if not terms:
-        return torch.ops.fastreg.weight_penalty_value(params, 0.0, 0.0)
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    """weight_penalty_value(params, l1, l2) under torch.compile."""
+    return torch.ops.fastreg.weight_penalty_value_tensor_coefficients(
+        params, _coefficient_tensor(l1), _coefficient_tensor(l2)
+    )
 
 
 def _traced_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
-    """weight_penalty_grad_(grads, params, l1, l2) under torch.compile: ``g += l1 * sign(w) + (2 * l2) * w``
-    as foreach operations, which Inductor fuses into one pass, and the value as in _traced_value."""
-
-    def scalar(c):
-        # A 0-dim tensor, not a number: _foreach_mul(tensors, symbolic float) kept the value of the
-        # trace and ignored later ones (torch 2.13), silently. Each tensor is multiplied in its own dtype.
-        return torch.ones((), dtype=torch.float64, device=params[0].device) * c
-
-    step = None
-    if l1 != 0.0:
-        step = torch._foreach_mul(torch._foreach_sign(params), scalar(l1))
-    if l2 != 0.0:
-        scaled = torch._foreach_mul(params, scalar(2.0 * l2))
-        step = scaled if step is None else torch._foreach_add(step, scaled)
-    if step is not None:
-        torch._foreach_add_(grads, step)
-    return _traced_value(params, l1, l2)
+    """weight_penalty_grad_(grads, params, l1, l2) under torch.compile."""
+    return torch.ops.fastreg.weight_penalty_grad_tensor_coefficients_(
+        grads, params, _coefficient_tensor(l1), _coefficient_tensor(l2)
+    )
 
 
 #: The layers whose weights :func:`select_decay_parameters` takes by default: those whose weights
@@ -368,7 +357,7 @@ class WeightPenalty:
         for group in self.param_groups:
             l1, l2 = group["l1"], group["l2"]
             if compiling:
-                # Eagerly the ops check them; the traced path passes the ops unit coefficients.
+                # Checked as the graph's guards and asserts (reference.check_coefficients)
                 l1, l2 = _coefficients(l1, l2)
             if l1 == 0.0 and l2 == 0.0:
                 continue

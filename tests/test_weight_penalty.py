@@ -18,7 +18,14 @@ from .helpers import DEVICES, REFERENCE_BACKEND, compiled_autograd
 from .helpers import use_kernels as _use_kernels
 
 OPS = torch.ops.fastreg
-PENALTY_OPS = ("weight_penalty_value", "weight_penalty_grad_", "weight_penalty_backward")
+PENALTY_OPS = (
+    "weight_penalty_value",
+    "weight_penalty_grad_",
+    "weight_penalty_backward",
+    "weight_penalty_value_tensor_coefficients",
+    "weight_penalty_grad_tensor_coefficients_",
+    "weight_penalty_backward_tensor_coefficients",
+)
 
 
 def use_kernels(device: str) -> None:
@@ -571,6 +578,77 @@ def test_mixed_devices_name_the_problem(impl):
         backward(torch.tensor(1.0), [cpu[0], cuda[1]], 0.1, 0.2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_tensor_coefficient_ops_equal_the_float_ops(impl, device):
+    """The *_tensor_coefficients twins (torch.compile's form) give the float ops' bits: values,
+    in-place gradients, autograd gradients, double backward and vmap."""
+    if impl == "op":
+        use_kernels(device)
+    lib = OPS if impl == "op" else ref  # the reference module has functions of the ops' names
+    ops = (lib.weight_penalty_value, lib.weight_penalty_grad_, lib.weight_penalty_backward)
+    twins = (
+        lib.weight_penalty_value_tensor_coefficients,
+        lib.weight_penalty_grad_tensor_coefficients_,
+        lib.weight_penalty_backward_tensor_coefficients,
+    )
+    shapes = [(3, 5), (0,), (17,), (2, 2, 3), (257,)]
+    params = make(shapes, device=device)
+    params[1], params[3] = params[1].half(), params[3].bfloat16()
+    go = torch.tensor(1.7, device=device)
+    for l1, l2 in COEFFICIENTS:
+        t1, t2 = torch.tensor(l1, dtype=torch.float64), torch.tensor(l2, dtype=torch.float64)
+        assert torch.equal(twins[0](params, t1, t2), ops[0](params, l1, l2))
+        grads = [g.to(p.dtype) for g, p in zip(make(shapes, device=device, seed=3), params)]
+        twin_grads = [g.clone() for g in grads]
+        assert torch.equal(twins[1](twin_grads, params, t1, t2), ops[1](grads, params, l1, l2))
+        assert mismatch(twin_grads, grads, exact=True) is None
+        assert mismatch(list(twins[2](go, params, t1, t2)), list(ops[2](go, params, l1, l2)), exact=True) is None
+    if impl == "reference":
+        return
+    l1, l2, t1, t2 = 0.3, 0.7, torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    w = [p.detach().double().requires_grad_() for p in params]
+
+    def double_backward(value_fn):
+        (first,) = torch.autograd.grad(value_fn(w) * 1.5, w[4], create_graph=True)
+        return first, torch.autograd.grad((first * first).sum(), w)
+
+    first, second = double_backward(lambda ps: OPS.weight_penalty_value(ps, l1, l2))
+    twin_first, twin_second = double_backward(lambda ps: OPS.weight_penalty_value_tensor_coefficients(ps, t1, t2))
+    assert torch.equal(twin_first, first) and mismatch(list(twin_second), list(second), exact=True) is None
+    stacked = [torch.stack([p.detach(), 2 * p.detach()]) for p in params]
+    assert torch.equal(
+        torch.func.vmap(lambda *ps: OPS.weight_penalty_value_tensor_coefficients(list(ps), t1, t2))(*stacked),
+        torch.func.vmap(lambda *ps: OPS.weight_penalty_value(list(ps), l1, l2))(*stacked),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_tensor_coefficient_errors_name_the_problem(impl, device):
+    if impl == "op":
+        use_kernels(device)
+    lib = OPS if impl == "op" else ref
+    value, grad_ = lib.weight_penalty_value_tensor_coefficients, lib.weight_penalty_grad_tensor_coefficients_
+    w = make([(4, 6), (5,)], device=device)
+    good = torch.tensor(0.1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="l1 must be a finite number >= 0, got -1"):
+        value(w, torch.tensor(-1.0), good)
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0, got nan"):
+        grad_(make([(4, 6), (5,)], device=device, seed=1), w, good, torch.tensor(math.nan))
+    with pytest.raises(TypeError, match=r"the l2 tensor has dtype (torch\.int64|Long); expected a floating-point"):
+        value(w, good, torch.tensor(1))
+    with pytest.raises(ValueError, match="the l1 tensor must have one element, got 2"):
+        value(w, torch.tensor([0.1, 0.2]), good)
+    with pytest.raises(RuntimeError, match=r"the l1 tensor is on cpu with layout \S*[Ss]parse\S*; coefficient tensors"):
+        value(w, torch.tensor([0.1]).to_sparse(), good)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match=r"the l2 tensor is on cuda:0 with layout \S*[Ss]trided; coefficient"):
+            value(w, good, good.cuda())
+        with pytest.raises(RuntimeError, match="the l1 tensor is on cuda:0 .* must be dense CPU tensors"):
+            value([p.cpu() for p in w], good.cuda(), good)  # CPU parameters: the CUDA kernel refuses it too
+
+
 # --- torch.library contracts and torch.compile ----------------------------------------------
 
 
@@ -584,6 +662,10 @@ def test_opcheck(device):
     opcheck(OPS.weight_penalty_grad_, ([g.clone() for g in grads], params, 0.2, 0.3))
     go = torch.tensor(1.5, device=device)
     opcheck(OPS.weight_penalty_backward, (go, [p.clone().requires_grad_() for p in params], 0.2, 0.3))
+    l1, l2 = torch.tensor(0.2, dtype=torch.float64), torch.tensor([0.3])  # CPU tensors, any float dtype
+    opcheck(OPS.weight_penalty_value_tensor_coefficients, ([p.clone().requires_grad_() for p in params], l1, l2))
+    opcheck(OPS.weight_penalty_grad_tensor_coefficients_, ([g.clone() for g in grads], params, l1, l2))
+    opcheck(OPS.weight_penalty_backward_tensor_coefficients, (go, [p.clone().requires_grad_() for p in params], l1, l2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -613,6 +695,84 @@ def test_torch_compile_fullgraph(device):
     g_compiled, g_eager = make([(4, 4), (9,)], device=device, seed=1), make([(4, 4), (9,)], device=device, seed=1)
     v = torch.compile(inplace, fullgraph=True)(g_compiled, params)
     assert torch.equal(v, inplace(g_eager, params)) and mismatch(g_compiled, g_eager, exact=True) is None
+
+
+def _graph_recorder(graphs: list):
+    """A torch.compile backend that keeps Dynamo's graphs and runs them as traced."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm.forward
+
+    return backend
+
+
+def _called_ops(graphs) -> set[str]:
+    # Dynamo's graphs call the overload packet (fastreg.op), some releases the overload (.default)
+    names = {str(node.target) for graph in graphs for node in graph.nodes if node.op == "call_function"}
+    return {name.removesuffix(".default") for name in names}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_add_grad_runs_the_fused_kernel_with_eager_bits(device):
+    """Under torch.compile add_grad_ calls the tensor-coefficient twin of weight_penalty_grad_:
+    the eager kernel, one pass over w and g, so the gradients and the value have eager's bits.
+    It was a _foreach_ pipeline (about 20 bytes per fp32 parameter, Inductor's FMAs). On CUDA the
+    coefficients stay CPU tensors, read on the host."""
+    use_kernels(device)
+    shapes = [(6, 5), (700,), (3, 2, 2), (40000,)]
+    params = [p.requires_grad_() for p in make(shapes, device=device)]
+    params[2] = params[2].detach().half().requires_grad_()
+    start = make(shapes, device=device, seed=2)
+    start[2] = start[2].half()
+    wp = penalty.WeightPenalty(params, l1=0.013, l2=0.17)
+
+    def run(add_grad):
+        for p, g in zip(params, start):
+            p.grad = g.clone()
+        value = add_grad()
+        return value, [p.grad for p in params]
+
+    eager_value, eager_grads = run(wp.add_grad_)
+    graphs: list = []
+    torch._dynamo.reset()
+    recorded_value, recorded_grads = run(torch.compile(wp.add_grad_, fullgraph=True, backend=_graph_recorder(graphs)))
+    ops = _called_ops(graphs)
+    assert "fastreg.weight_penalty_grad_tensor_coefficients_" in ops, ops
+    assert not any("foreach" in op or "weight_penalty_value" in op for op in ops), ops
+    torch._dynamo.reset()
+    compiled_value, compiled_grads = run(torch.compile(wp.add_grad_, fullgraph=True))
+    for value, grads in ((recorded_value, recorded_grads), (compiled_value, compiled_grads)):
+        assert torch.equal(value, eager_value)
+        assert mismatch(grads, eager_grads, exact=True) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_weight_penalty_is_one_op_with_eager_bits(device):
+    """weight_penalty under torch.compile: one tensor-coefficient op, not a pass per coefficient;
+    its value and gradients are the eager ones, bit for bit."""
+    use_kernels(device)
+    params = [p.requires_grad_() for p in make([(6, 5), (700,), (3, 2, 2)], device=device)]
+
+    def penalised():
+        return penalty.weight_penalty(params, l1=0.013, l2=0.17) * 1.5
+
+    def value_and_grads(fn):
+        value = fn()
+        return value.detach(), torch.autograd.grad(value, params)
+
+    eager = value_and_grads(penalised)
+    graphs: list = []
+    torch._dynamo.reset()
+    recorded = value_and_grads(torch.compile(penalised, fullgraph=True, backend=_graph_recorder(graphs)))
+    ops = _called_ops(graphs)
+    assert "fastreg.weight_penalty_value_tensor_coefficients" in ops, ops
+    assert "fastreg.weight_penalty_value" not in ops, ops
+    torch._dynamo.reset()
+    compiled = value_and_grads(torch.compile(penalised, fullgraph=True))
+    for value, grads in (recorded, compiled):
+        assert torch.equal(value, eager[0])
+        assert mismatch(list(grads), list(eager[1]), exact=True) is None
 
 
 def _compile_error_text(excinfo) -> str:

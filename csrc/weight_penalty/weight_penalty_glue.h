@@ -26,6 +26,27 @@ inline void check_penalty_coefficients(double l1, double l2) {
   check_penalty_coefficient(l2, "l2");
 }
 
+// The *_tensor_coefficients ops (torch.compile's form): l1 and l2 as one-element CPU tensors,
+// read here on the host, then checked as numbers. Checks and messages: the reference's
+// check_coefficient_tensors and coefficient_values.
+inline double penalty_coefficient_value(const at::Tensor& c, const char* name) {
+  TORCH_CHECK(c.layout() == at::kStrided && c.device().is_cpu(), "fastreg.weight_penalty: the ", name, " tensor is on ",
+              c.device(), " with layout ", c.layout(),
+              "; coefficient tensors must be dense CPU tensors (their values are read on the host)");
+  TORCH_CHECK_TYPE(c.is_floating_point(), "fastreg.weight_penalty: the ", name, " tensor has dtype ", c.scalar_type(),
+                   "; expected a floating-point tensor");
+  TORCH_CHECK_VALUE(c.numel() == 1, "fastreg.weight_penalty: the ", name, " tensor must have one element, got ", c.numel());
+  return c.item<double>();
+}
+
+inline std::pair<double, double> penalty_coefficient_values(const at::Tensor& l1, const at::Tensor& l2) {
+  // The values are checked after both tensors, in the reference's order.
+  const double v1 = penalty_coefficient_value(l1, "l1");
+  const double v2 = penalty_coefficient_value(l2, "l2");
+  check_penalty_coefficients(v1, v2);
+  return {v1, v2};
+}
+
 inline void check_penalty_param(const at::Tensor& p, size_t i, const at::Tensor& first) {
   TORCH_CHECK(p.layout() == at::kStrided, "fastreg.weight_penalty: params[", i, "] has layout ", p.layout(),
               "; only strided (dense) parameters are supported");

@@ -4,6 +4,10 @@ All three take the parameters of one device (any mix of float64/32/16/bfloat16) 
 one multi-tensor pass. ``weight_penalty_value`` is differentiable (its backward is
 ``weight_penalty_backward``); ``weight_penalty_grad_`` is the training-loop form that adds the
 penalty's gradient into existing gradients and returns the value, without autograd.
+
+Each has a ``*_tensor_coefficients`` twin that takes ``l1`` and ``l2`` as one-element CPU
+tensors: the same kernels, for torch.compile, which makes a new graph for each value of a
+custom op's ``float`` argument but takes a tensor as an input (docs/weight_penalty.md).
 """
 
 from __future__ import annotations
@@ -26,12 +30,31 @@ define(
     ref.weight_penalty_grad_,
 )
 
+define(
+    "weight_penalty_value_tensor_coefficients",
+    "(Tensor[] params, Tensor l1, Tensor l2) -> Tensor",
+    ref.weight_penalty_value_tensor_coefficients,
+)
+define(
+    "weight_penalty_backward_tensor_coefficients",
+    "(Tensor grad_output, Tensor[] params, Tensor l1, Tensor l2) -> Tensor[]",
+    ref.weight_penalty_backward_tensor_coefficients,
+)
+define(
+    "weight_penalty_grad_tensor_coefficients_",
+    "(Tensor(a!)[] grads, Tensor[] params, Tensor l1, Tensor l2) -> Tensor",
+    ref.weight_penalty_grad_tensor_coefficients_,
+)
+
 # Sparse tensors dispatch to the sparse keys; the reference's checks there reject them with a
 # clear message (the compiled kernels only serve strided CPU/CUDA tensors).
 for _name, _reference in (
     ("weight_penalty_value", ref.weight_penalty_value),
     ("weight_penalty_backward", ref.weight_penalty_backward),
     ("weight_penalty_grad_", ref.weight_penalty_grad_),
+    ("weight_penalty_value_tensor_coefficients", ref.weight_penalty_value_tensor_coefficients),
+    ("weight_penalty_backward_tensor_coefficients", ref.weight_penalty_backward_tensor_coefficients),
+    ("weight_penalty_grad_tensor_coefficients_", ref.weight_penalty_grad_tensor_coefficients_),
 ):
     for _key in ("SparseCPU", "SparseCUDA"):
         LIBRARY.impl(_name, _reference, _key)
@@ -67,6 +90,25 @@ def _grad_fake(grads, params, l1, l2):
     return _fake_value(params)
 
 
+# The coefficient tensors' values are read by the kernels, so only their metadata is checked here.
+@torch.library.register_fake("fastreg::weight_penalty_value_tensor_coefficients")
+def _value_tensor_coefficients_fake(params, l1, l2):
+    ref.check_coefficient_tensors(l1, l2)
+    return _value_fake(params, 0.0, 0.0)
+
+
+@torch.library.register_fake("fastreg::weight_penalty_backward_tensor_coefficients")
+def _backward_tensor_coefficients_fake(grad_output, params, l1, l2):
+    ref.check_coefficient_tensors(l1, l2)
+    return _backward_fake(grad_output, params, 0.0, 0.0)
+
+
+@torch.library.register_fake("fastreg::weight_penalty_grad_tensor_coefficients_")
+def _grad_tensor_coefficients_fake(grads, params, l1, l2):
+    ref.check_coefficient_tensors(l1, l2)
+    return _grad_fake(grads, params, 0.0, 0.0)
+
+
 def _value_setup(ctx, inputs, output):
     params, l1, l2 = inputs
     ctx.save_for_backward(*params)
@@ -96,10 +138,43 @@ def _backward_grad(ctx, grads_of_outputs):
             grad_params.append(None)
             continue
         wc = w.to(ref.compute_dtype(w.dtype))
-        grad_go = grad_go + (gg.to(wc.dtype) * (ctx.l1 * torch.sign(wc) + 2 * ctx.l2 * wc)).sum().to(torch.float64)
-        grad_params.append((gg.to(wc.dtype) * (2 * ctx.l2 * go.to(wc.dtype))).to(w.dtype))
+        # A tensor coefficient in wc's dtype, as a float one is cast (else a 0-dim float64 tensor
+        # would promote the 0-dim go to float64)
+        l1, l2 = (c.to(wc.dtype) if isinstance(c, torch.Tensor) else c for c in (ctx.l1, ctx.l2))
+        grad_go = grad_go + (gg.to(wc.dtype) * (l1 * torch.sign(wc) + 2 * l2 * wc)).sum().to(torch.float64)
+        grad_params.append((gg.to(wc.dtype) * (2 * l2 * go.to(wc.dtype))).to(w.dtype))
     return grad_go.to(grad_output.dtype).reshape(grad_output.shape), grad_params, None, None
+
+
+# The *_tensor_coefficients ops (used under torch.compile) keep their coefficients as tensors
+# through autograd too; _backward_grad's formula takes either.
+
+
+def _value_tensor_coefficients_setup(ctx, inputs, output):
+    params, l1, l2 = inputs
+    ctx.save_for_backward(l1, l2, *params)
+
+
+def _value_tensor_coefficients_grad(ctx, grad_output):
+    l1, l2, *params = ctx.saved_tensors
+    return torch.ops.fastreg.weight_penalty_backward_tensor_coefficients(grad_output, params, l1, l2), None, None
+
+
+def _backward_tensor_coefficients_setup(ctx, inputs, output):
+    grad_output, params, l1, l2 = inputs
+    ctx.save_for_backward(grad_output, *params)
+    ctx.l1, ctx.l2 = l1.detach(), l2.detach()
 
 
 register_autograd("weight_penalty_value", _value_grad, setup_context=_value_setup)
 register_autograd("weight_penalty_backward", _backward_grad, setup_context=_backward_setup)
+register_autograd(
+    "weight_penalty_value_tensor_coefficients",
+    _value_tensor_coefficients_grad,
+    setup_context=_value_tensor_coefficients_setup,
+)
+register_autograd(
+    "weight_penalty_backward_tensor_coefficients",
+    _backward_grad,
+    setup_context=_backward_tensor_coefficients_setup,
+)

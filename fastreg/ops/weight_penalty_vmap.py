@@ -4,7 +4,8 @@ vmap's generic fallback takes no ``Tensor[]`` argument ("could not generate a fa
 penalty over an ensemble's stacked parameters (``vmap`` over ``functional_call``) had no vmap.
 These rules run the op once per sample on that sample's tensors (one multi-tensor pass each)
 and stack the results: the value of sample i is the op's value on the parameters of sample i,
-bit for bit. ``weight_penalty_grad_`` writes ``.grad``-like buffers in place and has no rule.
+bit for bit. The ``*_tensor_coefficients`` twins (torch.compile's form) have the same rules.
+``weight_penalty_grad_`` writes ``.grad``-like buffers in place and has no rule.
 """
 
 from __future__ import annotations
@@ -16,21 +17,35 @@ def _sample(params, dims, i: int) -> list[torch.Tensor]:
     return [p if d is None else p.select(d, i) for p, d in zip(params, dims)]
 
 
-@torch.library.register_vmap("fastreg::weight_penalty_value")
-def _value_vmap(info, in_dims, params, l1, l2):
-    dims = in_dims[0]
-    values = [torch.ops.fastreg.weight_penalty_value(_sample(params, dims, i), l1, l2) for i in range(info.batch_size)]
-    return torch.stack(values), 0
+def _value_vmap(name: str):
+    op = getattr(torch.ops.fastreg, name)
+
+    def rule(info, in_dims, params, l1, l2):
+        # l1 and l2 as given: a coefficient tensor batched by vmap has more than one element,
+        # which the tensor-coefficient op refuses
+        dims = in_dims[0]
+        values = [op(_sample(params, dims, i), l1, l2) for i in range(info.batch_size)]
+        return torch.stack(values), 0
+
+    torch.library.register_vmap(f"fastreg::{name}", rule)
 
 
-@torch.library.register_vmap("fastreg::weight_penalty_backward")
-def _backward_vmap(info, in_dims, grad_output, params, l1, l2):
-    go_dim, dims = in_dims[0], in_dims[1]
-    per_sample = [
-        torch.ops.fastreg.weight_penalty_backward(
-            grad_output if go_dim is None else grad_output.select(go_dim, i), _sample(params, dims, i), l1, l2
-        )
-        for i in range(info.batch_size)
-    ]
-    grads = [torch.stack(list(parts)) for parts in zip(*per_sample)]
-    return grads, [0] * len(grads)
+def _backward_vmap(name: str):
+    op = getattr(torch.ops.fastreg, name)
+
+    def rule(info, in_dims, grad_output, params, l1, l2):
+        go_dim, dims = in_dims[0], in_dims[1]
+        per_sample = [
+            op(grad_output if go_dim is None else grad_output.select(go_dim, i), _sample(params, dims, i), l1, l2)
+            for i in range(info.batch_size)
+        ]
+        grads = [torch.stack(list(parts)) for parts in zip(*per_sample)]
+        return grads, [0] * len(grads)
+
+    torch.library.register_vmap(f"fastreg::{name}", rule)
+
+
+_value_vmap("weight_penalty_value")
+_value_vmap("weight_penalty_value_tensor_coefficients")
+_backward_vmap("weight_penalty_backward")
+_backward_vmap("weight_penalty_backward_tensor_coefficients")

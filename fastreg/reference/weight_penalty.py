@@ -42,6 +42,30 @@ def check_coefficients(l1: float, l2: float) -> None:
             raise ValueError(f"fastreg.weight_penalty: {name} must be a finite number >= 0, got {value}")
 
 
+def check_coefficient_tensors(l1: torch.Tensor, l2: torch.Tensor) -> None:
+    """The checks of the ``*_tensor_coefficients`` ops' coefficients that need no values (also the fakes')."""
+    for name, c in (("l1", l1), ("l2", l2)):
+        if c.layout != torch.strided or c.device.type != "cpu":
+            raise RuntimeError(
+                f"fastreg.weight_penalty: the {name} tensor is on {c.device} with layout {c.layout}; "
+                "coefficient tensors must be dense CPU tensors (their values are read on the host)"
+            )
+        if not c.is_floating_point():
+            raise TypeError(
+                f"fastreg.weight_penalty: the {name} tensor has dtype {c.dtype}; expected a floating-point tensor"
+            )
+        if c.numel() != 1:
+            raise ValueError(f"fastreg.weight_penalty: the {name} tensor must have one element, got {c.numel()}")
+
+
+def coefficient_values(l1: torch.Tensor, l2: torch.Tensor) -> tuple[float, float]:
+    """The checked values of the ``*_tensor_coefficients`` ops' coefficients."""
+    check_coefficient_tensors(l1, l2)
+    values = float(l1), float(l2)
+    check_coefficients(*values)
+    return values
+
+
 def check_params(params) -> None:
     for i, p in enumerate(params):
         if p.layout != torch.strided:
@@ -221,6 +245,24 @@ def weight_penalty_backward(
         out.copy_(_sign_term(dense.to(dtype), c1, c2x2))
         outputs.append(out)
     return outputs
+
+
+# The same ops with l1 and l2 as one-element CPU tensors, which torch.compile does not specialise
+# (fastreg/penalty.py calls them under torch.compile; docs/weight_penalty.md).
+
+
+def weight_penalty_value_tensor_coefficients(params, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    return weight_penalty_value(params, *coefficient_values(l1, l2))
+
+
+def weight_penalty_grad_tensor_coefficients_(grads, params, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    return weight_penalty_grad_(grads, params, *coefficient_values(l1, l2))
+
+
+def weight_penalty_backward_tensor_coefficients(
+    grad_output: torch.Tensor, params, l1: torch.Tensor, l2: torch.Tensor
+) -> list[torch.Tensor]:
+    return weight_penalty_backward(grad_output, params, *coefficient_values(l1, l2))
 
 
 def naive_penalty(params, l1: float, l2: float) -> torch.Tensor:
