@@ -47,6 +47,27 @@ inline std::pair<double, double> penalty_coefficient_values(const at::Tensor& l1
   return {v1, v2};
 }
 
+// The *_tensor_coefficients kernels of a device: its float-coefficient kernel, given the values.
+template <at::Tensor (*Kernel)(at::TensorList, double, double)>
+at::Tensor value_with_tensor_coefficients(at::TensorList params, const at::Tensor& l1, const at::Tensor& l2) {
+  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
+  return Kernel(params, c1, c2);
+}
+
+template <at::Tensor (*Kernel)(at::TensorList, at::TensorList, double, double)>
+at::Tensor grad_with_tensor_coefficients(at::TensorList grads, at::TensorList params, const at::Tensor& l1,
+                                         const at::Tensor& l2) {
+  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
+  return Kernel(grads, params, c1, c2);
+}
+
+template <std::vector<at::Tensor> (*Kernel)(const at::Tensor&, at::TensorList, double, double)>
+std::vector<at::Tensor> backward_with_tensor_coefficients(const at::Tensor& grad_output, at::TensorList params,
+                                                          const at::Tensor& l1, const at::Tensor& l2) {
+  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
+  return Kernel(grad_output, params, c1, c2);
+}
+
 inline void check_penalty_param(const at::Tensor& p, size_t i, const at::Tensor& first) {
   TORCH_CHECK(p.layout() == at::kStrided, "fastreg.weight_penalty: params[", i, "] has layout ", p.layout(),
               "; only strided (dense) parameters are supported");

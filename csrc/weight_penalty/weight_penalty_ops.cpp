@@ -87,32 +87,16 @@ std::vector<at::Tensor> weight_penalty_backward_cpu(const at::Tensor& grad_outpu
   return outputs;
 }
 
-at::Tensor weight_penalty_value_tensor_coefficients_cpu(at::TensorList params, const at::Tensor& l1, const at::Tensor& l2) {
-  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
-  return weight_penalty_value_cpu(params, c1, c2);
-}
-
-at::Tensor weight_penalty_grad_tensor_coefficients_cpu(at::TensorList grads, at::TensorList params, const at::Tensor& l1,
-                                                       const at::Tensor& l2) {
-  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
-  return weight_penalty_grad_cpu(grads, params, c1, c2);
-}
-
-std::vector<at::Tensor> weight_penalty_backward_tensor_coefficients_cpu(const at::Tensor& grad_output, at::TensorList params,
-                                                                        const at::Tensor& l1, const at::Tensor& l2) {
-  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
-  return weight_penalty_backward_cpu(grad_output, params, c1, c2);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
   m.impl("weight_penalty_value", &weight_penalty_value_cpu);
   m.impl("weight_penalty_grad_", &weight_penalty_grad_cpu);
   m.impl("weight_penalty_backward", &weight_penalty_backward_cpu);
-  m.impl("weight_penalty_value_tensor_coefficients", &weight_penalty_value_tensor_coefficients_cpu);
-  m.impl("weight_penalty_grad_tensor_coefficients_", &weight_penalty_grad_tensor_coefficients_cpu);
-  m.impl("weight_penalty_backward_tensor_coefficients", &weight_penalty_backward_tensor_coefficients_cpu);
+  // l1 and l2 as CPU tensors, read on the host
+  m.impl("weight_penalty_value_tensor_coefficients", &value_with_tensor_coefficients<&weight_penalty_value_cpu>);
+  m.impl("weight_penalty_grad_tensor_coefficients_", &grad_with_tensor_coefficients<&weight_penalty_grad_cpu>);
+  m.impl("weight_penalty_backward_tensor_coefficients", &backward_with_tensor_coefficients<&weight_penalty_backward_cpu>);
 }
 
 }  // namespace fastreg

@@ -81,35 +81,17 @@ std::vector<at::Tensor> weight_penalty_backward_cuda(const at::Tensor& grad_outp
   return outputs;
 }
 
-// The coefficients are CPU tensors (read on the host: no device synchronisation); a CUDA
-// coefficient tensor also lands here and is refused by name.
-at::Tensor weight_penalty_value_tensor_coefficients_cuda(at::TensorList params, const at::Tensor& l1, const at::Tensor& l2) {
-  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
-  return weight_penalty_value_cuda(params, c1, c2);
-}
-
-at::Tensor weight_penalty_grad_tensor_coefficients_cuda(at::TensorList grads, at::TensorList params, const at::Tensor& l1,
-                                                        const at::Tensor& l2) {
-  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
-  return weight_penalty_grad_cuda(grads, params, c1, c2);
-}
-
-std::vector<at::Tensor> weight_penalty_backward_tensor_coefficients_cuda(const at::Tensor& grad_output,
-                                                                         at::TensorList params, const at::Tensor& l1,
-                                                                         const at::Tensor& l2) {
-  const auto [c1, c2] = penalty_coefficient_values(l1, l2);
-  return weight_penalty_backward_cuda(grad_output, params, c1, c2);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
   m.impl("weight_penalty_value", &weight_penalty_value_cuda);
   m.impl("weight_penalty_grad_", &weight_penalty_grad_cuda);
   m.impl("weight_penalty_backward", &weight_penalty_backward_cuda);
-  m.impl("weight_penalty_value_tensor_coefficients", &weight_penalty_value_tensor_coefficients_cuda);
-  m.impl("weight_penalty_grad_tensor_coefficients_", &weight_penalty_grad_tensor_coefficients_cuda);
-  m.impl("weight_penalty_backward_tensor_coefficients", &weight_penalty_backward_tensor_coefficients_cuda);
+  // l1 and l2 as CPU tensors, read on the host (no device synchronisation); a CUDA coefficient
+  // tensor lands here too and is refused by name
+  m.impl("weight_penalty_value_tensor_coefficients", &value_with_tensor_coefficients<&weight_penalty_value_cuda>);
+  m.impl("weight_penalty_grad_tensor_coefficients_", &grad_with_tensor_coefficients<&weight_penalty_grad_cuda>);
+  m.impl("weight_penalty_backward_tensor_coefficients", &backward_with_tensor_coefficients<&weight_penalty_backward_cuda>);
 }
 
 }  // namespace fastreg
