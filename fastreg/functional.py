@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 import warnings
 
@@ -294,6 +295,8 @@ def batch_norm(
     statistics are updated in place: ``running = (1 - momentum) * running + momentum * batch``
     with the unbiased batch variance. Statistics are float32 (float64 for float64 inputs);
     weight, bias and running statistics may be float32 with float16/bfloat16 inputs."""
+    if not torch.jit.is_scripting():  # TorchScript checks the annotation itself
+        _check_momentum(momentum)
     if training:
         _verify_batch_size(input)
         if eps <= 0.0:
@@ -324,6 +327,17 @@ def batch_norm(
     if input.numel() > 0:  # like torch: an empty batch leaves the running statistics alone
         update_running_stats(running_mean, running_var, mean, var, momentum, count=input.numel() // input.shape[1])
     return output
+
+
+def _check_momentum(momentum) -> None:
+    # torch's argument parser refuses anything but a number or a one-element tensor with a
+    # TypeError, in either mode; here the op would fail later with a RuntimeError, and never
+    # when there are no running statistics to update.
+    if type(momentum) is float or isinstance(momentum, (numbers.Real, torch.Tensor)):
+        return  # float first: an ABC's isinstance costs about half a microsecond
+    if torch.compiler.is_compiling():
+        return  # a symbolic float; the op's schema checks the type of what it is given
+    raise TypeError(f"fastreg.batch_norm: argument 'momentum' must be float, not {type(momentum).__name__}")
 
 
 def _check_no_grad_running_stat(running: torch.Tensor | None, name: str) -> None:

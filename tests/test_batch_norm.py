@@ -7,6 +7,7 @@ import contextlib
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -537,6 +538,23 @@ def test_training_checks_the_running_statistics():
     with pytest.raises(ValueError, match="either both be None or neither be None"):
         fastreg.functional.batch_norm(x, running_mean, None, training=True)
     assert torch.equal(running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("momentum", [None, "0.1"])
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_momentum_that_is_not_a_number_is_a_type_error_like_torch(momentum, stats, training):
+    """torch refuses it in its argument parser, with or without running statistics; fastreg's op
+    failed with a RuntimeError only when it had statistics to update, and never without."""
+    x = torch.randn(4, 3, 5)
+    for fn in (F.batch_norm, fastreg.functional.batch_norm):
+        running = (torch.zeros(3), torch.ones(3)) if stats or not training else (None, None)
+        with pytest.raises(TypeError, match="'momentum'.* must be float, not (NoneType|str)"):
+            fn(x, *running, training=training, momentum=momentum)
+        if running[0] is not None:
+            assert torch.equal(running[0], torch.zeros(3)) and torch.equal(running[1], torch.ones(3))
+    for fine in (True, 1, np.float32(0.2), torch.tensor(0.2)):  # what torch takes, fastreg takes
+        fastreg.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=fine)
 
 
 @pytest.mark.parametrize("training", [True, False])
