@@ -17,6 +17,12 @@ inline at::ScalarType batch_norm_compute_dtype(at::ScalarType input) {
 }
 
 // The dtype as Python prints it ("torch.float32"), as in the reference's messages.
+// The same as the kernels' DType, from the input's or the compute dtype (the invstd and affine
+// gradient kernels take it).
+inline DType batch_norm_compute_kernel_dtype(at::ScalarType dtype) {
+  return batch_norm_compute_dtype(dtype) == at::kDouble ? DType::Float64 : DType::Float32;
+}
+
 inline std::string batch_norm_dtype_name(at::ScalarType st) {
   switch (st) {
     case at::kDouble: return "torch.float64";

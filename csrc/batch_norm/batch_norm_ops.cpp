@@ -38,7 +38,7 @@ at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& runnin
   BatchNormChannelArrays arrays = batch_norm_channel_arrays(compute, running_mean, std::nullopt, weight, bias);
   const at::Tensor var = batch_norm_channel_array(running_var, compute);
   arrays.invstd = channel_tensor(input);
-  batch_norm_invstd_cpu(input.size(1), compute == at::kDouble ? DType::Float64 : DType::Float32, var.data_ptr(), eps,
+  batch_norm_invstd_cpu(input.size(1), batch_norm_compute_kernel_dtype(compute), var.data_ptr(), eps,
                         arrays.invstd.data_ptr());
   at::Tensor output = empty_like_pooled(dense);
   batch_norm_elemt_cpu(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(), arrays.affine());

@@ -17,10 +17,6 @@ at::Tensor channel_tensor(const at::Tensor& input) {
   return at::empty({input.size(1)}, input.options().dtype(batch_norm_compute_dtype(input.scalar_type())));
 }
 
-DType compute_kernel_dtype(const at::Tensor& input) {
-  return input.scalar_type() == at::kDouble ? DType::Float64 : DType::Float32;
-}
-
 // The device of the kernels: the input's. The dispatcher picks these kernels when any tensor
 // argument is on CUDA; the checks put every tensor on the input's device, so this only fails
 // for calls the checks let through with a CPU input, which none do.
@@ -76,7 +72,7 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const at::Tensor& runni
   at::Tensor output = at::empty_like(dense);
   void* stream = current_stream();
   // 1 / sqrt(var + eps) in the compute dtype, on the device, rounded as the reference rounds it.
-  check_launch(batch_norm_invstd_cuda(input.size(1), compute_kernel_dtype(input), var.data_ptr(), eps,
+  check_launch(batch_norm_invstd_cuda(input.size(1), batch_norm_compute_kernel_dtype(compute), var.data_ptr(), eps,
                                       arrays.invstd.data_ptr(), stream),
                op);
   check_launch(batch_norm_elemt_cuda(batch_norm_layout(dense), dtype, dense.data_ptr(), output.data_ptr(),
@@ -145,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(const at
                                               training ? sum_dy_xmu.data_ptr() : nullptr,
                                               training ? layout.count() : 0, stream),
                op);
-  check_launch(batch_norm_grad_affine_cuda(input.size(1), compute_kernel_dtype(input), kernel_dtype(grad_weight, op),
+  check_launch(batch_norm_grad_affine_cuda(input.size(1), batch_norm_compute_kernel_dtype(compute), kernel_dtype(grad_weight, op),
                                            sum_dy.data_ptr(), sum_dy_xmu.data_ptr(), affine.invstd,
                                            grad_weight.data_ptr(), grad_bias.data_ptr(), stream),
                op);
