@@ -3,49 +3,73 @@
 // order. Framework-free: plain pointers and a stream; weight_penalty_ops_cuda.cpp is the glue.
 //
 // Multi-tensor: tensor pointers, sizes, dtypes and each tensor's first block travel by value
-// in a kernel-argument table (under 4 KB), so a launch needs no device-side copy of metadata:
-// nothing to synchronise, and CUDA-graph capture records the table with the launch. Up to
-// kMaxTensors tensors per launch (ResNet-50's 161 tensors: 2 launches + the final one).
+// in a kernel-argument table, so a launch needs no device-side copy of metadata: nothing to
+// synchronise, and CUDA-graph capture records the table with the launch. Two table sizes:
+// 128 tensors fit the classic 4 KB argument limit that every driver takes; 512 tensors need
+// the 32 KB limit of CUDA 12.1+ (sm_70+, driver 530+), checked at run time, so that lists like
+// ResNet-50's (161 tensors) or GPT-2's (148) take one launch instead of two: the second of two
+// launches starts only when the first has drained. weight_penalty_launch_plan.h cuts the list.
 //
 // Determinism: every element has a fixed thread and position in that thread's sequence, the
-// block reduction is a fixed shuffle tree, partials go to a slot per block (no atomics), and
-// the final kernel adds them in a fixed order. Alignment does not change the order either:
-// misaligned tensors take scalar loads of the same packs.
+// block reduction is a fixed shuffle tree, partials go to a slot per block in list order (no
+// atomics), and the final kernel adds them in a fixed order, so neither the table size nor the
+// number of launches changes the bits. Alignment does not change the order either: misaligned
+// tensors take scalar loads of the same packs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/block_sum_cuda.cuh"
 #include "../common/compute_type_cuda.cuh"
 #include "weight_penalty_chunk.h"
 #include "weight_penalty_kernels.h"
+#include "weight_penalty_launch_plan.h"
+
+// The 512-tensor table exists when the toolkit knows 32 KB arguments and every arch compiled
+// for has them (sm_70+). __CUDA_ARCH_LIST__ ("800,900"), defined in host and device passes
+// alike, lists the archs lowest first.
+#define FASTREG_ARCH_LIST_HEAD_(first, ...) first
+#define FASTREG_ARCH_LIST_HEAD(...) FASTREG_ARCH_LIST_HEAD_(__VA_ARGS__)
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010 && defined(__CUDA_ARCH_LIST__) && \
+    FASTREG_ARCH_LIST_HEAD(__CUDA_ARCH_LIST__) >= 700
+#define FASTREG_PENALTY_LARGE_TABLE 1
+#else
+#define FASTREG_PENALTY_LARGE_TABLE 0
+#endif
 
 namespace fastreg {
 namespace {
 
 constexpr int kThreads = kPenaltyThreads;
-constexpr int kMaxTensors = 128;
+constexpr int kSmallTable = 128;
+constexpr int kLargeTable = 512;
 constexpr int kFinalThreads = 512;
 constexpr int64_t kMaxBlocksPerLaunch = int64_t{1} << 30;  // grid.x allows 2^31 - 1
 
+template <int Capacity>
 struct LaunchTable {
-  const void* param[kMaxTensors];
-  void* grad[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int64_t partial_base;                  // the partial-sum slot of this launch's block 0
-  int32_t first_block[kMaxTensors + 1];  // first_block[count] = blocks in this launch
+  const void* param[Capacity];
+  void* grad[Capacity];
+  int64_t numel[Capacity];
+  int64_t partial_base;               // the partial-sum slot of this launch's block 0
+  int32_t first_block[Capacity + 1];  // first_block[count] = blocks in this launch
   int32_t count;
-  uint8_t dtype[kMaxTensors];
+  uint8_t dtype[Capacity];
 };
 
-static_assert(sizeof(LaunchTable) + sizeof(PenaltyScalars) + sizeof(double*) <= 4096,
-              "kernel arguments must fit the classic 4 KB limit");
+constexpr size_t kOtherArgumentBytes = sizeof(PenaltyScalars) + sizeof(double*);
+static_assert(sizeof(LaunchTable<kSmallTable>) + kOtherArgumentBytes <= 4096,
+              "the small table must fit the classic 4 KB argument limit");
+static_assert(sizeof(LaunchTable<kLargeTable>) + kOtherArgumentBytes <= 32764,
+              "the large table must fit the 32 KB argument limit of CUDA 12.1+");
 
-template <typename T, PenaltyMode M>
-__device__ __forceinline__ void run_chunk(const LaunchTable& table, const PenaltyScalars& scalars, int t, int64_t begin,
-                                          int64_t len, double& s1, double& s2) {
+template <typename T, PenaltyMode M, int Capacity>
+__device__ __forceinline__ void run_chunk(const LaunchTable<Capacity>& table, const PenaltyScalars& scalars, int t,
+                                          int64_t begin, int64_t len, double& s1, double& s2) {
   using A = typename ComputeType<T>::type;
   A c1, c2x2;
   penalty_coefficients<A>(M, scalars, c1, c2x2);
@@ -54,9 +78,9 @@ __device__ __forceinline__ void run_chunk(const LaunchTable& table, const Penalt
   penalty_chunk<T, M>(w, g, len, c1, c2x2, s1, s2, threadIdx.x);
 }
 
-template <PenaltyMode M>
+template <PenaltyMode M, int Capacity>
 __global__ void __launch_bounds__(kThreads, 4)
-    penalty_kernel(const __grid_constant__ LaunchTable table, const __grid_constant__ PenaltyScalars scalars,
+    penalty_kernel(const __grid_constant__ LaunchTable<Capacity> table, const __grid_constant__ PenaltyScalars scalars,
                    double* __restrict__ partials) {
   // The tensor of this block: the last t with first_block[t] <= blockIdx.x (uniform per block).
   const int block = static_cast<int>(blockIdx.x);
@@ -110,67 +134,98 @@ __global__ void __launch_bounds__(kFinalThreads)
   }
 }
 
-int64_t chunks_of(int64_t numel) { return (numel + kPenaltyChunkCuda - 1) / kPenaltyChunkCuda; }
-
-void launch(const LaunchTable& table, const PenaltyScalars& scalars, PenaltyMode mode, double* partials, int blocks,
-            cudaStream_t stream) {
+template <int Capacity>
+void launch(const PenaltyTensor* tensors, const PenaltyLaunch& plan, const PenaltyScalars& scalars, PenaltyMode mode,
+            double* partials, cudaStream_t stream) {
+  LaunchTable<Capacity> table;
+  int32_t blocks = 0;
+  int c = 0;
+  for (int64_t i = plan.begin; i < plan.end; ++i) {
+    const PenaltyTensor& tensor = tensors[i];
+    if (tensor.numel == 0) continue;
+    table.param[c] = tensor.param;
+    table.grad[c] = tensor.grad;
+    table.numel[c] = tensor.numel;
+    table.dtype[c] = static_cast<uint8_t>(tensor.dtype);
+    table.first_block[c] = blocks;
+    blocks += static_cast<int32_t>(penalty_cuda_chunks(tensor.numel));
+    ++c;
+  }
+  table.first_block[c] = blocks;
+  table.count = c;
+  table.partial_base = plan.partial_base;
   switch (mode) {
     case PenaltyMode::Value:
-      penalty_kernel<PenaltyMode::Value><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
+      penalty_kernel<PenaltyMode::Value, Capacity><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
       break;
     case PenaltyMode::Accumulate:
-      penalty_kernel<PenaltyMode::Accumulate><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
+      penalty_kernel<PenaltyMode::Accumulate, Capacity><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
       break;
     case PenaltyMode::Backward:
-      penalty_kernel<PenaltyMode::Backward><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
+      penalty_kernel<PenaltyMode::Backward, Capacity><<<blocks, kThreads, 0, stream>>>(table, scalars, partials);
       break;
   }
+}
+
+// The 512-tensor table needs a driver that takes 32 KB arguments (CUDA 12.1, driver 530): a
+// newer toolkit may run on an older driver. FASTREG_CUDA_LARGE_KERNEL_ARGS=0 turns it off, to
+// compare the two or to get around a driver that misreports.
+bool large_table_usable() {
+#if FASTREG_PENALTY_LARGE_TABLE
+  static const bool usable = [] {
+    const char* setting = std::getenv("FASTREG_CUDA_LARGE_KERNEL_ARGS");
+    if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
+    int driver = 0;
+    return cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12010;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+int64_t nonempty_tensors(const PenaltyTensor* tensors, int64_t count) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < count; ++i) n += tensors[i].numel != 0;
+  return n;
 }
 
 }  // namespace
 
 int64_t weight_penalty_cuda_blocks(const PenaltyTensor* tensors, int64_t count) {
   int64_t blocks = 0;
-  for (int64_t i = 0; i < count; ++i) blocks += chunks_of(tensors[i].numel);
+  for (int64_t i = 0; i < count; ++i) blocks += penalty_cuda_chunks(tensors[i].numel);
   return blocks;
 }
 
 const char* weight_penalty_cuda(const PenaltyTensor* tensors, int64_t count, PenaltyMode mode, const PenaltyScalars& scalars,
                                 double* partials, void* value_out, DType value_dtype, void* stream) {
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  LaunchTable table{};
-  int64_t blocks_in_table = 0;
-  int64_t partial_base = 0;
-  auto flush = [&]() {
-    if (table.count == 0) return;
-    table.first_block[table.count] = static_cast<int32_t>(blocks_in_table);
-    table.partial_base = partial_base;
-    launch(table, scalars, mode, partials, static_cast<int>(blocks_in_table), cuda_stream);
-    partial_base += blocks_in_table;
-    blocks_in_table = 0;
-    table.count = 0;
-  };
-  for (int64_t i = 0; i < count; ++i) {
-    const PenaltyTensor& tensor = tensors[i];
-    if (tensor.numel == 0) continue;
-    const int64_t blocks = chunks_of(tensor.numel);
-    if (blocks > kMaxBlocksPerLaunch) return "fastreg.weight_penalty: a tensor is too large for one CUDA launch";
-    if (table.count == kMaxTensors || blocks_in_table + blocks > kMaxBlocksPerLaunch) flush();
-    const int c = table.count++;
-    table.param[c] = tensor.param;
-    table.grad[c] = tensor.grad;
-    table.numel[c] = tensor.numel;
-    table.dtype[c] = static_cast<uint8_t>(tensor.dtype);
-    table.first_block[c] = static_cast<int32_t>(blocks_in_table);
-    blocks_in_table += blocks;
+  // The small table whenever it is enough: fewer argument bytes to copy per launch.
+  const bool large = nonempty_tensors(tensors, count) > kSmallTable && large_table_usable();
+  const char* error = nullptr;
+  int64_t slots = 0;
+  if (large) {
+#if FASTREG_PENALTY_LARGE_TABLE
+    error = for_each_penalty_launch(tensors, count, kLargeTable, kMaxBlocksPerLaunch, [&](const PenaltyLaunch& plan) {
+      launch<kLargeTable>(tensors, plan, scalars, mode, partials, cuda_stream);
+      slots = plan.partial_base + plan.blocks;
+    });
+#endif
+  } else {
+    error = for_each_penalty_launch(tensors, count, kSmallTable, kMaxBlocksPerLaunch, [&](const PenaltyLaunch& plan) {
+      launch<kSmallTable>(tensors, plan, scalars, mode, partials, cuda_stream);
+      slots = plan.partial_base + plan.blocks;
+    });
   }
-  flush();
+  if (error != nullptr) return error;
   if (mode != PenaltyMode::Backward) {
-    penalty_final_kernel<<<1, kFinalThreads, 0, cuda_stream>>>(partials, partial_base, scalars.l1, scalars.l2, value_out,
+    // slots == 0 (only empty tensors) still writes the value: 0
+    penalty_final_kernel<<<1, kFinalThreads, 0, cuda_stream>>>(partials, slots, scalars.l1, scalars.l2, value_out,
                                                               value_dtype);
   }
-  const cudaError_t error = cudaGetLastError();
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+  const cudaError_t launch_error = cudaGetLastError();
+  return launch_error == cudaSuccess ? nullptr : cudaGetErrorString(launch_error);
 }
 
 }  // namespace fastreg
