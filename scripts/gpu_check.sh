@@ -7,7 +7,7 @@
 #   scripts/gpu_check.sh                      build, info, tests
 #   scripts/gpu_check.sh memcheck_dropout     further stages, after a build in an earlier call
 #   scripts/gpu_check.sh memcheck_rest racecheck
-#   scripts/gpu_check.sh bench hosttime profile
+#   scripts/gpu_check.sh bench hosttime penalty_tables profile
 #   OUT=/some/dir scripts/gpu_check.sh ...    where logs and results go (default gpu-check/)
 #
 # Stages run in the order given; a failing stage is reported and the next one still runs, so
@@ -55,7 +55,8 @@ memcheck_dropout() {
 }
 
 memcheck_rest() {  # misaligned inputs: the kernels' unvectorised paths
-  sanitize memcheck tests/test_weight_penalty.py tests/test_misaligned_inputs.py tests/test_batch_norm.py
+  sanitize memcheck tests/test_weight_penalty.py tests/test_weight_penalty_cuda_launches.py tests/test_misaligned_inputs.py \
+    tests/test_batch_norm.py
 }
 
 racecheck() {  # the kernels with shared memory
@@ -110,6 +111,40 @@ for dtype in (torch.float32, torch.bfloat16):
 PY
 }
 
+penalty_tables() {
+  # The weight penalty with 512-tensor argument tables (32 KB of kernel arguments: ResNet-50's
+  # 161 tensors in one launch) against 128-tensor ones (4 KB: two launches), in alternating
+  # processes so that a drifting GPU shows as a spread, not as a difference.
+  for round in 1 2 3; do
+    for large in 1 0; do
+      FASTREG_CUDA_LARGE_KERNEL_ARGS=$large "$python" - <<'PY'
+import os, statistics, time, torch, fastreg
+
+tables = "128" if os.environ["FASTREG_CUDA_LARGE_KERNEL_ARGS"] == "0" else "512"
+for name in ("resnet50", "gpt2_small"):
+    params = getattr(fastreg.penalty, f"{name}_like_params")(device="cuda", grads=True)
+    penalty = fastreg.WeightPenalty(params, l1=1e-5, l2=1e-4)
+    for _ in range(10):
+        penalty.add_grad_()
+    hosts, gpus = [], []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin = time.perf_counter()
+        start.record()
+        for _ in range(100):
+            penalty.add_grad_()
+        end.record()
+        hosts.append((time.perf_counter() - begin) / 100)
+        end.synchronize()
+        gpus.append(start.elapsed_time(end) / 1e3 / 100)
+    print(f"tables {tables:>3}  {name:<10}  gpu {statistics.median(gpus) * 1e6:7.1f} us"
+          f"  (min {min(gpus) * 1e6:7.1f})  host {statistics.median(hosts) * 1e6:6.1f} us")
+PY
+    done
+  done
+}
+
 profile() {
   # DRAM throughput of each fastreg kernel at 16M elements, as Nsight Compute sees it.
   ncu --kernel-name regex:"dropout|penalty|batch_norm" --launch-skip 2 --launch-count 12 \
@@ -139,7 +174,7 @@ declare -A seconds status
 failed=0
 for stage in "${stages[@]}"; do
   if ! declare -F "$stage" >/dev/null; then
-    echo "gpu_check: unknown stage '$stage' (build info tests memcheck_dropout memcheck_rest racecheck sanitizer bench bench_compile hosttime profile)" >&2
+    echo "gpu_check: unknown stage '$stage' (build info tests memcheck_dropout memcheck_rest racecheck sanitizer bench bench_compile hosttime penalty_tables profile)" >&2
     exit 2
   fi
   echo "== $stage (log: $out/$stage.log) =="
