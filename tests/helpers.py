@@ -2,6 +2,9 @@
 
 import contextlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +44,22 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def result_in_child(tmp_path: Path, module: str, function: str, **environment: str):
+    """``function()`` of the test module ``module`` (e.g. "tests.test_cpu_streaming"), run in a
+    fresh Python with these environment variables set: for settings that fastreg reads once
+    per process. The result comes back through torch.save."""
+    out = tmp_path / f"{function}.pt"
+    tests_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        f"import sys, torch\nsys.path.insert(0, {tests_parent!r})\n"
+        f"from {module} import {function}\ntorch.save({function}(), {str(out)!r})\n"
+    )
+    env = dict(os.environ, **environment)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"child failed:\n{result.stderr[-4000:]}"
+    return torch.load(out)
 
 
 def use_kernels(device: str, ops) -> None:

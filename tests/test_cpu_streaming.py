@@ -6,21 +6,10 @@ parent compares bitwise."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from .helpers import require_kernel
-
-CHILD = r"""
-import sys, torch
-sys.path.insert(0, {tests_parent!r})
-from tests.test_cpu_streaming import compute_all
-torch.save(compute_all(), {out!r})
-"""
+from .helpers import require_kernel, result_in_child
 
 
 def _sample(shape, dtype, seed):
@@ -69,13 +58,7 @@ def compute_all() -> dict[str, torch.Tensor]:
 
 def test_streaming_and_cached_stores_give_the_same_bits(tmp_path):
     require_kernel("cpu")
-    out = tmp_path / "streamed.pt"
-    tests_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, FASTREG_CPU_CACHE_MB="0")
-    code = CHILD.format(tests_parent=tests_parent, out=str(out))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"child failed:\n{result.stderr[-4000:]}"
-    streamed = torch.load(out)
+    streamed = result_in_child(tmp_path, "tests.test_cpu_streaming", "compute_all", FASTREG_CPU_CACHE_MB="0")
     cached = compute_all()
     assert streamed.keys() == cached.keys()
     for key, expected in cached.items():

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from fastreg.testing import mismatch
 
-from .helpers import REFERENCE_BACKEND, use_kernels
+from .helpers import REFERENCE_BACKEND, result_in_child, use_kernels
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -31,15 +28,6 @@ PENALTY_OPS = ("weight_penalty_value", "weight_penalty_grad_", "weight_penalty_b
 L1, L2 = 0.1, 0.2
 # 100 tensors: one launch with either table; 161 (ResNet-50's count): one or two; 600: two or five
 LIST_LENGTHS = (100, 161, 600)
-
-CHILD = r"""
-import sys, torch
-sys.path.insert(0, {tests_parent!r})
-from tests.test_weight_penalty_cuda_launches import compute_all, penalty_launches
-results = compute_all()
-results["launches"] = torch.tensor(penalty_launches())
-torch.save(results, {out!r})
-"""
 
 
 def tensor_list(count: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -95,6 +83,12 @@ def penalty_launches() -> int:
     )
 
 
+def compute_all_and_count_launches() -> dict:
+    results = compute_all()
+    results["launches"] = torch.tensor(penalty_launches())
+    return results
+
+
 def driver_takes_large_arguments() -> bool:
     version = ctypes.c_int(0)
     try:
@@ -112,13 +106,8 @@ def same(a, b) -> bool:
 
 
 def test_both_argument_tables_give_the_same_bits_and_the_cpu_gradients(tmp_path):
-    out = tmp_path / "small_tables.pt"
-    tests_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, FASTREG_CUDA_LARGE_KERNEL_ARGS="0")
-    code = CHILD.format(tests_parent=tests_parent, out=str(out))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"child failed:\n{result.stderr[-4000:]}"
-    small = torch.load(out)
+    module = "tests.test_weight_penalty_cuda_launches"
+    small = result_in_child(tmp_path, module, "compute_all_and_count_launches", FASTREG_CUDA_LARGE_KERNEL_ARGS="0")
     default = compute_all()
 
     assert int(small.pop("launches")) == 2, "FASTREG_CUDA_LARGE_KERNEL_ARGS=0: 161 tensors take two 4 KB tables"
