@@ -28,9 +28,9 @@ SCHEMAS: dict[str, str] = {}
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def define(name: str, schema: str, reference: Callable, *, random: bool = False) -> None:
+def define(name: str, schema: str, reference: Callable, *, random: bool = False, tags: tuple = ()) -> None:
     """Define ``fastreg::name`` with the reference as its fallback kernel."""
-    tags = (torch.Tag.nondeterministic_seeded,) if random else ()
+    tags = (torch.Tag.nondeterministic_seeded, *tags) if random else tags
     LIBRARY.define(f"{name}{schema}", tags=tags)
     SCHEMAS[name] = schema
     LIBRARY.impl(name, _lazy_kernel(name, reference), "CompositeExplicitAutograd")

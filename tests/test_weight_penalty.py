@@ -877,6 +877,43 @@ def test_compiled_add_grad_follows_a_coefficient_schedule():
     assert "l2 must be a finite number >= 0" in _compile_error_text(excinfo)
 
 
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
+def test_only_the_ops_that_read_coefficient_tensors_on_the_host_are_kept_out_of_cuda_graphs():
+    """A CUDA graph's replay would not read l1 and l2 again: Inductor must run those ops outside
+    its graphs. The float ops take their coefficients as graph constants and can stay inside."""
+    for name in PENALTY_OPS:
+        tags = getattr(OPS, name).default.tags
+        assert (torch.Tag.cudagraph_unsafe in tags) == name.endswith(("_tensor_coefficients", "_tensor_coefficients_"))
+
+
+@CUDA_ONLY
+def test_compiled_add_grad_with_cuda_graphs_follows_a_coefficient_schedule():
+    """mode="reduce-overhead" with a coefficient schedule: the second graph takes the coefficients
+    as CPU tensor inputs, which the ops read on the host when they launch. Inside a replayed CUDA
+    graph they would keep the captured values; every step must give eager's bits instead."""
+    use_kernels("cuda")
+    torch._dynamo.reset()
+    shapes = [(64, 33), (129,), (3, 5, 7)]
+    params = [p.requires_grad_() for p in make(shapes, device="cuda")]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    wp = penalty.WeightPenalty(params, l1=0.01, l2=0.1)
+    compiled = torch.compile(wp.add_grad_, mode="reduce-overhead", fullgraph=True)
+    start = make(shapes, device="cuda", seed=2)
+    expected_grads = [torch.empty_like(g) for g in start]
+    for step in range(8):
+        l1, l2 = 0.01 * (step + 1), 0.1 / (step + 1)
+        wp.param_groups[0]["l1"], wp.param_groups[0]["l2"] = l1, l2
+        for p, g in zip(params, start):
+            p.grad.copy_(g)
+        value = compiled().clone()  # a graph's output is overwritten by its next replay
+        for e, g in zip(expected_grads, start):
+            e.copy_(g)
+        expected = OPS.weight_penalty_grad_(expected_grads, [p.detach() for p in params], l1, l2)
+        assert torch.equal(value, expected), (step, float(value), float(expected))
+        assert mismatch([p.grad for p in params], expected_grads, exact=True) is None, step
+
+
 # --- baselines and model-shaped lists --------------------------------------------------------
 
 

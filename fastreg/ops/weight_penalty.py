@@ -30,20 +30,30 @@ define(
     ref.weight_penalty_grad_,
 )
 
+# The twins read l1 and l2 on the host when they launch, and a CUDA graph's replay does not
+# repeat that: a graph captured with one coefficient would keep it when the schedule moves on.
+# The tag has Inductor run them outside its CUDA graphs (mode="reduce-overhead"), each call
+# reading the values of the moment; torch without the tag falls back to no CUDA graphs for a graph
+# that holds CPU tensors, which is safe too.
+HOST_READ_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
 define(
     "weight_penalty_value_tensor_coefficients",
     "(Tensor[] params, Tensor l1, Tensor l2) -> Tensor",
     ref.weight_penalty_value_tensor_coefficients,
+    tags=HOST_READ_TAGS,
 )
 define(
     "weight_penalty_backward_tensor_coefficients",
     "(Tensor grad_output, Tensor[] params, Tensor l1, Tensor l2) -> Tensor[]",
     ref.weight_penalty_backward_tensor_coefficients,
+    tags=HOST_READ_TAGS,
 )
 define(
     "weight_penalty_grad_tensor_coefficients_",
     "(Tensor(a!)[] grads, Tensor[] params, Tensor l1, Tensor l2) -> Tensor",
     ref.weight_penalty_grad_tensor_coefficients_,
+    tags=HOST_READ_TAGS,
 )
 
 # Sparse tensors dispatch to the sparse keys; the reference's checks there reject them with a
