@@ -64,15 +64,41 @@ def test_converted_model_runs_fastreg_dropout():
     assert torch.equal(m(x), torch.relu(m[2].linear(m[0](x))))
 
 
-def test_root_dropout_is_returned_replaced_and_hooks_move_along():
-    calls = []
+def test_root_dropout_is_converted_in_place():
     root = nn.Dropout(0.2)
-    root.register_forward_hook(lambda module, args, output: calls.append("hook"))
-    root.register_forward_hook(lambda module, args, kwargs, output: calls.append("kwargs hook"), with_kwargs=True)
-    new = fastreg.convert(root)
-    assert type(new) is fastreg.Dropout and new.p == 0.2
-    new(torch.ones(3))
-    assert calls == ["hook", "kwargs hook"]
+    assert fastreg.convert(root, mask_mode="bool") is root
+    assert type(root) is fastreg.Dropout and root.p == 0.2 and root.mask_mode == "bool"
+    assert "mask_mode='bool'" in repr(root)
+
+
+@pytest.mark.parametrize("cls", [nn.Dropout, nn.Dropout2d])
+def test_hooks_handles_and_attributes_survive_the_swap(cls):
+    """Each layer keeps its identity: every kind of hook still fires (a full backward hook
+    included), a handle taken before the swap still removes its hook, and state-dict hooks and
+    the user's own attributes stay."""
+    calls = []
+    layer = cls(0.5)
+    layer.note = "mine"
+    fwd = layer.register_forward_hook(lambda module, args, output: calls.append("fwd"))
+    layer.register_forward_hook(lambda module, args, kwargs, output: calls.append("fwd kwargs"), with_kwargs=True)
+    layer.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    layer.register_full_backward_hook(lambda module, grad_input, grad_output: calls.append("bwd"))
+    layer.register_full_backward_pre_hook(lambda module, grad_output: calls.append("bwd pre"))
+    layer._register_state_dict_hook(lambda module, state, prefix, local_metadata: state.update({prefix + "extra": 1}))
+    model = nn.Sequential(nn.Linear(4, 4), layer)
+    fastreg.convert(model)
+    assert model[1] is layer and isinstance(layer, fastreg_class(cls)) and layer.note == "mine"
+    model(torch.randn(2, 3, 4, 4, requires_grad=True)).sum().backward()
+    assert calls == ["pre", "fwd", "fwd kwargs", "bwd pre", "bwd"]
+    assert model.state_dict()["1.extra"] == 1
+    calls.clear()
+    fwd.remove()
+    model(torch.randn(2, 3, 4, 4))
+    assert calls == ["pre", "fwd kwargs"], "a handle from before the swap removes its hook"
+
+
+def fastreg_class(cls):
+    return {nn.Dropout: fastreg.Dropout, nn.Dropout2d: fastreg.Dropout2d}[cls]
 
 
 def test_bad_mask_mode_is_rejected_before_anything_changes():
