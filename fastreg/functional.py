@@ -319,6 +319,9 @@ def batch_norm(
             "fastreg.batch_norm: expected an input of shape (N, C, ...) with at least 2 dimensions, "
             f"got {input.dim()}-D"
         )
+    if not torch.jit.is_scripting():
+        if _tracing_state() is not None:  # torch.jit.trace: sizes are traced values
+            return _batch_norm_train_traced(input, running_mean, running_var, weight, bias, momentum, eps)
     _batch_norm_ref.check_channel(running_mean, input, "fastreg.batch_norm", "running_mean")
     _batch_norm_ref.check_channel(running_var, input, "fastreg.batch_norm", "running_var")
     _check_no_grad_running_stat(running_mean, "running_mean")
@@ -326,6 +329,23 @@ def batch_norm(
     output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)
     if input.numel() > 0:  # like torch: an empty batch leaves the running statistics alone
         update_running_stats(running_mean, running_var, mean, var, momentum, count=input.numel() // input.shape[1])
+    return output
+
+
+def _batch_norm_train_traced(input, running_mean, running_var, weight, bias, momentum: float, eps: float):
+    """Training batch norm under torch.jit.trace, where sizes are traced values: the count of
+    values per channel reaches the running statistics' update as one, so the recorded graph
+    updates them right for every batch size (and not at all for an empty batch), as torch's
+    traced batch norm does. The Python checks that compare sizes would be frozen into the trace,
+    with a TracerWarning each, so the ops check those."""
+    output, mean, _invstd, var = torch.ops.fastreg.batch_norm_train(input, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        _check_no_grad_running_stat(running_mean, "running_mean")
+        _check_no_grad_running_stat(running_var, "running_var")
+        count = input.shape[0]
+        for size in input.shape[2:]:
+            count = count * size
+        _batch_norm_ref.batch_norm_update_stats_traced_(running_mean, running_var, mean, var, momentum, count)
     return output
 
 

@@ -440,6 +440,37 @@ def test_module_scripts(momentum):
     assert_close(scripted(x), theirs(x), torch.float32)
 
 
+def _tracer_warnings(module, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(module, x, check_trace=False)
+    return traced, sum(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_traced_training_updates_running_stats_for_each_batch_size(device, dtype):
+    """torch.jit.trace records sizes as traced values: the update must use each batch's count of
+    values per channel (unbiased variance), not the traced batch's, and skip an empty batch,
+    with eager's bits; and no more TracerWarnings than torch's traced BatchNorm2d gives."""
+    use_kernels(device)
+    eager = fastreg.BatchNorm2d(3, momentum=0.3, device=device, dtype=dtype)
+    module = copy.deepcopy(eager)
+    example = sample((2, 3, 1, 1), dtype, device, seed=0)
+    traced, warned = _tracer_warnings(module, example)
+    assert warned <= _tracer_warnings(nn.BatchNorm2d(3, device=device, dtype=dtype), example)[1]
+    theirs = nn.BatchNorm2d(3, momentum=0.3, device=device, dtype=dtype)
+    eager(example), theirs(example)  # the trace ran the module once
+    for step, shape in enumerate([(64, 3, 4, 4), (0, 3, 4, 4), (5, 3, 2, 7), (2, 3, 1, 1)]):
+        x = sample(shape, dtype, device, seed=step + 1, mean=step)
+        assert torch.equal(traced(x), eager(x))
+        theirs(x)
+        for name, value in eager.state_dict().items():
+            assert torch.equal(module.state_dict()[name], value), f"{name} after batch {shape}"
+        assert_close(module.running_var, theirs.running_var, dtype)
+        assert_close(module.running_mean, theirs.running_mean, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [True, False])

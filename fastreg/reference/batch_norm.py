@@ -231,15 +231,17 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight, training: bool
     return grad_input, (sum_dy_xmu * invstd).to(out_dtype), sum_dy.to(out_dtype)
 
 
-def check_running_stat(running: torch.Tensor, batch: torch.Tensor, name: str) -> None:
+def check_running_stat(running: torch.Tensor, batch: torch.Tensor, name: str, sizes: bool = True) -> None:
+    """``sizes=False`` leaves out the comparison of sizes: under torch.jit.trace sizes are traced
+    values, and a comparison in Python would be frozen into the trace, with a TracerWarning."""
     op = "fastreg.batch_norm_update_stats_"
-    if running.layout != torch.strided or running.shape != batch.shape or running.dim() != 1:
+    if running.layout != torch.strided or running.dim() != 1 or (sizes and running.shape != batch.shape):
         raise RuntimeError(f"{op}: {name} has shape {list(running.shape)}, the batch statistic {list(batch.shape)}")
     if running.device != batch.device:
         raise RuntimeError(f"{op}: {name} is on {running.device} but the batch statistic on {batch.device}")
     if not running.is_floating_point():
         raise TypeError(f"{op}: {name} has dtype {running.dtype}; expected a floating-point dtype")
-    if running.numel() > 1 and running.stride(0) == 0:  # updated in place: each element once
+    if running.stride(0) == 0 and running.numel() > 1:  # updated in place: each element once
         raise RuntimeError(
             f"{op}: {name} has stride 0 (an expanded tensor), so its elements share memory; pass a tensor of its own"
         )
@@ -260,7 +262,9 @@ def check_update_stats(running_mean, running_var, mean, var) -> None:
         )
 
 
-def blended_running(running: torch.Tensor, batch: torch.Tensor, momentum: float, batch_scale: float) -> torch.Tensor:
+def blended_running(
+    running: torch.Tensor, batch: torch.Tensor, momentum: float, batch_scale: float | torch.Tensor
+) -> torch.Tensor:
     """``(1 - momentum) * running + momentum * batch_scale * batch`` in the batch statistic's
     dtype: each product and their sum rounded in it (separate ops: no fused multiply-add), the
     kernels' formula, bit for bit."""
@@ -295,3 +299,19 @@ def batch_norm_update_stats_(running_mean, running_var, mean, var, momentum: flo
         _blend_running(running_var, var, momentum, scale)
     bump_version(running_mean)
     bump_version(running_var)
+
+
+def batch_norm_update_stats_traced_(running_mean, running_var, mean, var, momentum: float, count: torch.Tensor) -> None:
+    """``batch_norm_update_stats_`` under ``torch.jit.trace``, where ``count``, the values per
+    channel, is a traced 0-dim tensor. In tensor ops, so that the recorded graph unbiases each
+    batch's variance with that batch's count (the op's ``int`` argument would record the traced
+    batch's count as a constant) and leaves the statistics alone for an empty batch, as eager
+    batch norm does. Same formula and bits as the op; sizes that do not match fail in the ops."""
+    check_running_stat(running_mean, mean, "running_mean", sizes=False)
+    check_running_stat(running_var, var, "running_var", sizes=False)
+    values = count.to(torch.float64)
+    updated = count > 0
+    with torch.no_grad():
+        for running, batch, scale in ((running_mean, mean, 1.0), (running_var, var, values / (values - 1))):
+            kept = running.to(batch.dtype)
+            running.copy_(torch.where(updated, blended_running(running, batch, momentum, scale), kept))
