@@ -63,6 +63,7 @@ def dropout_with_mask(
     mode = _mask_mode(mask_mode)
     if mode == MASK_MODES["regenerate"]:
         raise ValueError("dropout_with_mask needs mask_mode 'bool' or 'bits'")
+    _check_training(training, "fastreg.dropout_with_mask")
     check_input(input)
     _loader.load_before_dispatch(input)
     if not training:
@@ -112,20 +113,22 @@ def _dropout(
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         if not training or p == 0 or input.numel() == 0:
             return input
-        if p == 1 and not _kernel_dtype(input.dtype):
+        if p == 1:
             return _zeroed(input, inplace)
         check_input(input)
     else:  # the same steps, and what TorchScript cannot compile
         check_p(p)
         if type(input) is not torch.Tensor and _served_by_torch(input, generator, "fastreg.dropout"):
             return torch.nn.functional.dropout(input, p, training, inplace)
+        if training is not True and training is not False:
+            _check_training(training, "fastreg.dropout")
         # As torch: the input itself, nothing drawn or checked (_is_empty, inlined: every call
         # comes here).
         if not training or p == 0 or (_tracing_state() is None and input.numel() == 0):
             return input
+        if p == 1:
+            return _zeroed(input, inplace)
         if input.dtype not in _KERNEL_DTYPES or input.layout != torch.strided:  # check_input's test, faster
-            if p == 1 and not _kernel_dtype(input.dtype):
-                return _zeroed(input, inplace)
             check_input(input)
         _loader.load_before_dispatch(input)
     if inplace:
@@ -136,10 +139,21 @@ def _dropout(
     return torch.ops.fastreg.dropout(input, p, mode, generator)[0]
 
 
+def _check_training(training, op: str) -> None:
+    """torch's dropout takes only a bool: None or a string would be read as a truth value here."""
+    if not isinstance(training, bool):  # numpy's bool_ is no bool: torch refuses it too
+        kind = type(training)
+        name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        raise TypeError(f"{op}: argument 'training' must be bool, not {name}")
+
+
 def _served_by_torch(input: torch.Tensor, generator: torch.Generator | None = None, op: str = "") -> bool:
     """Inputs the kernels cannot take, which torch's dropout serves: jagged nested tensors, and
     DTensors (whose masks torch draws through DTensor's RNG tracker, one consistent mask across
-    shards). Asked only for tensors of a subclass: a plain tensor costs the callers one test."""
+    shards). Asked only for tensors of a subclass (and non-tensors, refused here): a plain tensor
+    costs the callers one test."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: argument 'input' must be Tensor, not {type(input).__name__}")
     if input.is_nested:
         kind = "nested tensor"
     else:
@@ -161,16 +175,13 @@ def _is_empty(input: torch.Tensor) -> bool:
     return _tracing_state() is None and input.numel() == 0
 
 
-def _kernel_dtype(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
 _KERNEL_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
 
 
 def _zeroed(input: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """torch's dropout with p = 1 in a dtype the kernels do not take: the input times a zero of
-    its dtype (in place: the input zeroed)."""
+    """torch's dropout with p = 1: the input times a zero of its dtype (in place: the input
+    zeroed), in any dtype and layout. Nothing is drawn, so the generator does not move (and
+    vmap's randomness="error" lets it pass), and NaN and inf stay NaN, as torch's do."""
     zero = torch.zeros((), dtype=input.dtype, device=input.device)
     return input.mul_(zero) if inplace else input * zero
 
@@ -178,9 +189,12 @@ def _zeroed(input: torch.Tensor, inplace: bool) -> torch.Tensor:
 def _feature_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, op: str) -> torch.Tensor:
     """Zeroes whole channels: one decision per (N, C), broadcast over the remaining dims."""
     _check_p(p)
+    if not _is_scripting():
+        if training is not True and training is not False:
+            _check_training(training, op)
     if not training or p == 0 or _is_empty(input):
         return input
-    if p == 1 and not _kernel_dtype(input.dtype):
+    if p == 1:
         return _zeroed(input, inplace)
     check_input(input, op)
     if input.dim() < 2 and p < 1:  # torch's message; p = 1 zeroes everything without channels
@@ -227,7 +241,7 @@ def _warn_while_tracing(ctx) -> None:
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout1d``: zeroes whole channels of (N, C, L) or (C, L)."""
     if not _is_scripting():
-        if type(input) is not torch.Tensor and _served_by_torch(input):
+        if type(input) is not torch.Tensor and _served_by_torch(input, None, "fastreg.dropout1d"):
             return torch.nn.functional.dropout1d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (2, 3):
@@ -242,7 +256,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout2d``, warnings included."""
     if not _is_scripting():
-        if type(input) is not torch.Tensor and _served_by_torch(input):
+        if type(input) is not torch.Tensor and _served_by_torch(input, None, "fastreg.dropout2d"):
             return torch.nn.functional.dropout2d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (3, 4):
@@ -266,7 +280,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout3d``: zeroes whole channels of (N, C, D, H, W) or (C, D, H, W)."""
     if not _is_scripting():
-        if type(input) is not torch.Tensor and _served_by_torch(input):
+        if type(input) is not torch.Tensor and _served_by_torch(input, None, "fastreg.dropout3d"):
             return torch.nn.functional.dropout3d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (4, 5):

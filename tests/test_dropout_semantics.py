@@ -129,12 +129,50 @@ def test_dtypes_without_a_kernel_are_zeroed_or_refused_like_torch(fn, dtype):
                 assert f"fastreg.{fn}:" in str(ours) and "float64, float32, float16 or bfloat16" in str(ours)
 
 
+def _rng_states(device):
+    states = [torch.random.get_rng_state()]
+    if device == "cuda":
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_p_zero_keeps_values_and_p_one_zeroes(device, dtype):
-    x = torch.randn(1000, device=device).to(dtype)
-    assert torch.equal(F.dropout(x, 0.0), x)
-    assert torch.equal(F.dropout(x, 1.0), torch.zeros_like(x))
+@pytest.mark.parametrize("fn", list(FEATURE_SHAPES))
+def test_p_zero_keeps_values_and_p_one_zeroes_like_torch_drawing_nothing(device, dtype, fn):
+    """p = 1 is torch's input * 0: zeros for finite values, NaN for NaN and inf, in place too,
+    with a zero gradient; nothing is drawn (the generators do not move, and vmap's default
+    randomness="error" lets it pass)."""
+    ours_f, theirs_f = getattr(F, fn), getattr(torch.nn.functional, fn)
+    shape = FEATURE_SHAPES.get(fn, (4, 250))
+    x = torch.randn(shape, device=device).to(dtype)
+    x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -1.0])
+    assert ours_f(x, 0.0) is x
+    before = _rng_states(device)
+    for inplace in (False, True):
+        ours_in, theirs_in = x.clone(), x.clone()
+        ours, theirs = ours_f(ours_in, 1.0, inplace=inplace), theirs_f(theirs_in, 1.0, inplace=inplace)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+        assert (ours is ours_in) == inplace
+    assert all(torch.equal(a, b) for a, b in zip(_rng_states(device), before)), "p = 1 drew random numbers"
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(ours_f(leaf, 1.0).sum(), leaf)
+    assert torch.equal(grad, torch.zeros_like(x))
+    batched = torch.func.vmap(lambda sample: ours_f(sample, 1.0))(x.unsqueeze(1))
+    torch.testing.assert_close(batched.squeeze(1), theirs_f(x, 1.0), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", [*FEATURE_SHAPES, "dropout_with_mask"])
+def test_arguments_of_the_wrong_type_are_refused_like_torch(fn):
+    # training was read as a truth value: None ran eval mode, "no" dropped
+    ours = getattr(F, fn)
+    x = torch.ones(FEATURE_SHAPES.get(fn, (2, 3, 4)))
+    for training in (None, "no", 1, np.bool_(True)):
+        with pytest.raises(TypeError, match=f"fastreg.{fn}: argument 'training' must be bool, not"):
+            ours(x, 0.5, training)
+    if fn != "dropout_with_mask":
+        with pytest.raises(TypeError, match="argument 'input' must be Tensor, not list"):
+            ours([1.0, 2.0], 0.5)
 
 
 def test_eval_mode_returns_the_input_unchanged():
