@@ -101,6 +101,15 @@ def fastreg_class(cls):
     return {nn.Dropout: fastreg.Dropout, nn.Dropout2d: fastreg.Dropout2d}[cls]
 
 
+def test_a_layer_under_two_names_of_one_parent_is_converted_once():
+    # named_children() yields a module once, so a second name under the same parent was missed
+    shared = nn.Dropout(0.5)
+    m = nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared)
+    m.alias = shared
+    fastreg.convert(m)
+    assert type(m[1]) is fastreg.Dropout and m[3] is m[1] and m.alias is m[1]
+
+
 def test_bad_mask_mode_is_rejected_before_anything_changes():
     m = model()
     with pytest.raises(ValueError, match="mask_mode"):
