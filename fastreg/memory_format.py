@@ -2,15 +2,17 @@
 
 An op walks its input in memory order. A non-overlapping, dense input (contiguous,
 channels_last, permuted, ...) is used as it is and the output gets its exact strides; any
-other input (a slice with gaps, an expanded tensor) is first copied to
-``suggest_memory_format`` order, as ``torch.empty_like`` would lay it out.
+other input (a slice with gaps, an expanded tensor) is first copied into the layout
+``torch.empty_like`` gives it: dense, with the input's order of dimensions by stride (a slice
+of a channels_last tensor stays channels_last, of a transposed one transposed), which is also
+the layout of torch's own outputs for it (tests/test_memory_format.py). csrc/common/tensor_glue.h
+has the same rule for the C++ ops.
 """
 
 from __future__ import annotations
 
 import torch
 import torch._prims_common as _prims
-from torch._prims_common import suggest_memory_format
 
 # Named is_non_overlapping_and_dense in older torch, ..._or_false (symbolic-shape safe) in newer.
 is_non_overlapping_and_dense = getattr(
@@ -19,14 +21,15 @@ is_non_overlapping_and_dense = getattr(
 
 
 def memory_dense(t: torch.Tensor) -> torch.Tensor:
-    return t if is_non_overlapping_and_dense(t) else t.contiguous(memory_format=suggest_memory_format(t))
+    # clone() keeps the format (torch.preserve_format): a dense copy laid out as empty_like(t)
+    return t if is_non_overlapping_and_dense(t) else t.clone()
 
 
 def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     """The strides of ``memory_dense(t)``, without copying anything."""
     if is_non_overlapping_and_dense(t):
         return tuple(t.stride())
-    return torch.empty(t.shape, device="meta", memory_format=suggest_memory_format(t)).stride()
+    return torch.empty_like(t, device="meta").stride()
 
 
 def flat_memory_view(t: torch.Tensor) -> torch.Tensor:

@@ -202,6 +202,8 @@ def layouts(device):
         "permuted": base.permute(2, 0, 3, 1),
         "transposed": base.transpose(0, 3),
         "sliced": base[:, ::2, 1:],
+        "sliced_channels_last": base.contiguous(memory_format=torch.channels_last)[:, :, ::2],
+        "sliced_transposed": base.transpose(0, 3)[::2],
         "expanded": torch.randn(1, 6, 1, 7, device=device).expand(4, 6, 5, 7),
         "scalar": torch.tensor(3.0, device=device),
     }

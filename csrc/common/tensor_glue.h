@@ -43,14 +43,15 @@ inline void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_ve
 
 // A tensor whose elements fill one block of memory (any dimension order): kernels walk it
 // linearly, and empty_like() of it has the same strides, so outputs keep the memory format.
-inline at::Tensor memory_dense(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous(t.suggest_memory_format());
-}
+// Any other tensor (a slice with gaps, an expanded one) is copied into the layout empty_like()
+// gives it, which keeps its order of dimensions (clone()'s default, preserve_format): the
+// layout torch's own ops give their outputs. fastreg/memory_format.py has the same rule.
+inline at::Tensor memory_dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.clone(); }
 
 // memory_dense(t)'s strides, without copying anything.
 inline std::vector<int64_t> memory_dense_strides(const at::Tensor& t) {
   if (t.is_non_overlapping_and_dense()) return t.strides().vec();
-  return at::empty(t.sizes(), t.options().device(at::kMeta), t.suggest_memory_format()).strides().vec();
+  return at::empty_like(t, t.options().device(at::kMeta)).strides().vec();
 }
 
 }  // namespace fastreg
