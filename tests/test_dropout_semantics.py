@@ -342,6 +342,9 @@ def test_errors_name_the_problem():
         torch.ops.fastreg.dropout_backward(
             torch.ones(16), torch.ones(1, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), 0.5, 1
         )
+    gappy_mask = torch.ones(10, 20, dtype=torch.bool)[:, ::2]  # the right count, not dense
+    with pytest.raises(RuntimeError, match=r"mask \(sizes \[10, 10\], strides \[20, 2\]\) is not dense"):
+        torch.ops.fastreg.dropout_backward(torch.ones(10, 10), gappy_mask, torch.zeros(2, dtype=torch.int64), 0.5, 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -48,9 +48,10 @@ inline void check_saved_mask(const at::Tensor& mask, const at::Tensor& grad, Mas
               grad.device());  // in every mode: an unused mask on another device is still a caller's mistake
   if (mode == MaskMode::Regenerate) return;
   const int64_t expected = mode == MaskMode::Bits ? (grad.numel() + kDropoutGroup - 1) / kDropoutGroup : grad.numel();
-  TORCH_CHECK(mask.numel() == expected && mask.is_non_overlapping_and_dense(),
-              "fastreg.dropout_backward: mask has ", mask.numel(), " elements, expected ", expected, " for mask_mode ",
-              static_cast<int>(mode));
+  TORCH_CHECK(mask.numel() == expected, "fastreg.dropout_backward: mask has ", mask.numel(), " elements, expected ",
+              expected, " for mask_mode ", static_cast<int>(mode));
+  TORCH_CHECK(mask.is_non_overlapping_and_dense(), "fastreg.dropout_backward: mask (sizes ", mask.sizes(), ", strides ",
+              mask.strides(), ") is not dense; pass the mask the forward returned");
   TORCH_CHECK(mode == MaskMode::Bits || mask.strides() == grad.strides(),
               "fastreg.dropout_backward: a bool mask must have grad_output's strides");
   TORCH_CHECK(mask.scalar_type() == (mode == MaskMode::Bits ? at::kByte : at::kBool),

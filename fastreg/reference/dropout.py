@@ -236,16 +236,15 @@ def check_saved_mask(mask: torch.Tensor, grad: torch.Tensor, mask_mode: int) -> 
         return
     expected = (grad.numel() + GROUP - 1) // GROUP if mask_mode == BITS else grad.numel()
     dtype = torch.uint8 if mask_mode == BITS else torch.bool
-    if (
-        mask.layout != torch.strided
-        or mask.numel() != expected
-        or mask.dtype != dtype
-        or mask.device != grad.device
-        or not is_non_overlapping_and_dense(mask)
-    ):
+    if mask.layout != torch.strided or mask.numel() != expected or mask.dtype != dtype:
         raise RuntimeError(
             f"fastreg.dropout_backward: mask ({mask.numel()} x {mask.dtype} on {mask.device}, layout {mask.layout}) "
             f"does not fit mask_mode {mask_mode}: expected {expected} x {dtype} on {grad.device}, dense"
+        )
+    if not is_non_overlapping_and_dense(mask):
+        raise RuntimeError(
+            f"fastreg.dropout_backward: mask (sizes {list(mask.shape)}, strides {list(mask.stride())}) is not "
+            "dense; pass the mask the forward returned"
         )
     if mask_mode == BOOL and tuple(mask.stride()) != tuple(grad.stride()):
         raise RuntimeError("fastreg.dropout_backward: a bool mask must have grad_output's strides")
