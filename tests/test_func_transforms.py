@@ -226,6 +226,136 @@ def test_vmap_of_inplace_dropout_on_an_unbatched_tensor_refuses_different():
         vmap(lambda _: F.dropout(shared, 0.5, inplace=True), randomness="different")(torch.zeros(3))
 
 
+# ---- vmap inside vmap: each level's randomness; and a batch of no samples ----------------------
+
+RANDOMNESS_PAIRS = [(inner, outer) for inner in ("same", "different") for outer in ("same", "different")]
+
+
+def _mask_sharing(out: torch.Tensor) -> tuple[set, set]:
+    """Of an (outer, inner, ...) output of nested vmaps: whether each inner sample's mask equals the
+    first inner sample's (in every outer sample), and whether each outer sample's masks equal the
+    first outer sample's. {True}: shared, {False}: drawn anew (equal by chance: 2^-numel at p=0.5)."""
+    keep = out != 0
+    inner = {torch.equal(keep[o, 0], keep[o, i]) for o in range(keep.shape[0]) for i in range(1, keep.shape[1])}
+    outer = {torch.equal(keep[0], keep[o]) for o in range(1, keep.shape[0])}
+    return inner, outer
+
+
+def _nested(fn, x, inner, outer, batched):
+    """fn over x (outer, inner, ...) in vmap(vmap(fn)); batched says which levels batch the input
+    (the others see one sample of it, unbatched)."""
+    if batched == "both":
+        return vmap(vmap(fn, randomness=inner), randomness=outer)(x)
+    if batched == "outer_only":
+        samples = torch.zeros(x.shape[1], device=x.device)
+        return vmap(lambda xo: vmap(lambda _: fn(xo), randomness=inner)(samples), randomness=outer)(x[:, 0])
+    samples = torch.zeros(x.shape[0], device=x.device)
+    return vmap(lambda _: vmap(fn, randomness=inner)(x[0]), randomness=outer)(samples)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batched", ["both", "outer_only", "inner_only"])
+def test_nested_vmap_of_dropout_follows_each_levels_randomness(device, batched):
+    x = torch.rand(3, 4, 200, device=device) + 1  # no zeros: a zero output means dropped
+    seen = x if batched == "both" else (x[:, :1] if batched == "outer_only" else x[:1])
+    for inner, outer in RANDOMNESS_PAIRS:
+        out = _nested(lambda t: F.dropout(t, 0.5), x, inner, outer, batched)
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, seen * (out != 0) * 2.0, rtol=0, atol=0)
+        assert _mask_sharing(out) == ({inner == "same"}, {outer == "same"}), (inner, outer)
+        # the oracle: torch's dropout shares masks in the same pattern
+        oracle = _nested(lambda t: torch.nn.functional.dropout(t, 0.5), x, inner, outer, batched)
+        assert _mask_sharing(oracle) == _mask_sharing(out)
+        for randomness in ((inner, "error"), ("error", outer)):  # "error" at either level refuses, as torch's
+            with pytest.raises(RuntimeError, match="randomness error mode"):
+                _nested(lambda t: F.dropout(t, 0.5), x, *randomness, batched)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_mode", list(F.MASK_MODES))
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+@pytest.mark.parametrize(("inner", "outer"), RANDOMNESS_PAIRS)
+def test_per_sample_gradients_through_nested_vmap_follow_the_forward_masks(device, mask_mode, layout, inner, outer):
+    if layout == "contiguous":
+        x = torch.randn(3, 4, 6, 7, device=device)
+    else:  # each sample dense, not contiguous: backward must read the masks in forward's order
+        x = torch.randn(3, 4, 7, 6, device=device).transpose(2, 3)
+    x = x.abs() + 1
+    w = torch.randn(6, 7, device=device)
+
+    def nested(fn):
+        return vmap(vmap(fn, randomness=inner), randomness=outer)
+
+    torch.manual_seed(3)
+    fwd = nested(lambda t: F.dropout(t, 0.5, mask_mode=mask_mode))(x)
+    keep = fwd != 0
+    assert _mask_sharing(fwd) == ({inner == "same"}, {outer == "same"})
+    torch.testing.assert_close(fwd, x * keep * 2.0, rtol=0, atol=0)
+    torch.manual_seed(3)
+    grads = nested(grad(lambda t: (F.dropout(t, 0.5, mask_mode=mask_mode) * w).sum()))(x)
+    assert torch.equal(grads, keep * 2.0 * w)
+    torch.manual_seed(3)  # and with the transform outside the vmaps
+    _, pullback = vjp(nested(lambda t: F.dropout(t, 0.5, mask_mode=mask_mode)), x)
+    assert torch.equal(pullback(w.expand_as(x))[0], keep * 2.0 * w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nested_vmap_of_inplace_dropout(device):
+    x = torch.rand(3, 4, 200, device=device) + 1
+    w = torch.randn(200, device=device)
+    inplace = lambda t: F.dropout(t, 0.5, inplace=True)  # noqa: E731
+    for inner, outer in RANDOMNESS_PAIRS:
+        nested = lambda fn: vmap(vmap(fn, randomness=inner), randomness=outer)  # noqa: E731
+        buffer = x.clone()
+        out = nested(inplace)(buffer)
+        assert torch.equal(out, buffer)  # written in place
+        torch.testing.assert_close(buffer, x * (buffer != 0) * 2.0, rtol=0, atol=0)
+        assert _mask_sharing(buffer) == ({inner == "same"}, {outer == "same"}), (inner, outer)
+        torch.manual_seed(5)
+        keep = nested(lambda t: inplace(t * 1))(x) != 0
+        torch.manual_seed(5)
+        grads = nested(grad(lambda t: (inplace(t * 1) * w).sum()))(x)
+        assert torch.equal(grads, keep * 2.0 * w), (inner, outer)
+        # a level that asks for different masks cannot write them into a tensor it does not batch
+        for batched, level in (("outer_only", inner), ("inner_only", outer)):
+            if level == "different":
+                with pytest.raises(RuntimeError, match="different inplace randomness on an unbatched tensor"):
+                    _nested(inplace, x.clone(), inner, outer, batched)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("randomness", ["same", "different"])
+@pytest.mark.parametrize("mask_mode", list(F.MASK_MODES))
+def test_vmap_over_an_empty_batch_gives_empty_outputs_like_torch(device, randomness, mask_mode):
+    mode = F.MASK_MODES[mask_mode]
+    empty, two = torch.ones(0, 5, 6, device=device), torch.ones(2, 5, 6, device=device)
+    rng_state = torch.tensor([7, 0], device=device)
+    for op in (
+        lambda t: torch.ops.fastreg.dropout(t, 0.5, mode),
+        lambda t: torch.ops.fastreg.dropout_(t, 0.5, mode),
+        lambda t: torch.ops.fastreg.dropout_seeded(t, 0.5, rng_state, mode),  # the fallback refused 0 samples
+    ):
+        # the outputs (mask and rng_state among them): each sample's shaped as over a batch of samples
+        per_sample = [t.shape[1:] for t in vmap(op, randomness=randomness)(two.clone())]
+        assert [t.shape for t in vmap(op, randomness=randomness)(empty.clone())] == [(0, *s) for s in per_sample]
+    w = torch.randn(5, 6, device=device)
+
+    def fastreg_dropout(t, p, inplace=False):
+        return F.dropout(t, p, inplace=inplace, mask_mode=mask_mode)
+
+    for dropout in (fastreg_dropout, torch.nn.functional.dropout):  # torch's: the oracle
+        assert vmap(lambda t: dropout(t, 0.5), randomness=randomness)(empty).shape == empty.shape
+        assert vmap(lambda t: dropout(t, 0.5, inplace=True), randomness=randomness)(empty.clone()).shape == empty.shape
+        nested = vmap(vmap(lambda t: dropout(t, 0.5), randomness=randomness), randomness=randomness)
+        for shape in ((0, 4, 6), (3, 0, 6)):
+            assert nested(torch.ones(shape, device=device)).shape == shape
+        # backward, per-sample (torch gives empty gradients) and through the vmap
+        per_sample_grads = vmap(grad(lambda t: (dropout(t, 0.5) * w).sum()), randomness=randomness)(empty)
+        assert per_sample_grads.shape == empty.shape
+        _, pullback = vjp(vmap(lambda t: dropout(t, 0.5), randomness=randomness), empty)
+        assert pullback(empty)[0].shape == empty.shape
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_vmap_of_weight_penalty_is_the_per_sample_penalty(device):
     stacked = [torch.randn(4, 3, 5, device=device), torch.randn(4, 7, device=device)]

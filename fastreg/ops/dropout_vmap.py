@@ -15,7 +15,17 @@ sample's rng_state for ``"same"``), written into an output whose per-sample stri
 call's, so forward and backward read masks in one order. vmap is for convenience, not speed
 here: B samples cost B kernel calls. ``dropout_seeded`` and ``dropout_backward`` are
 deterministic given their rng_state and go through vmap's per-sample fallback, which is right
-for them.
+for them, except over a batch of no samples, which the fallback refuses: kernels here answer it.
+
+Inside another vmap (or grad), each sample's call goes on to the next level out, as any op that
+a level has handled does: through functorch's ``DynamicLayerBackMode``, which the calls reach
+with this level's key excluded, and which restores the dispatch keys the next level expects.
+(``interpreter.lower()`` alone does not: these kernels run under the keys this level set, where
+the next level has saved none, and functorch asserts.) An outer vmap level reaches these kernels
+again, with its own randomness, and returns the sample's results batched at its level; the
+stacked output is allocated by a method of the first sample's result, so it is batched (or
+tracked by an outer grad level) as they are. Over a batch of no samples nothing is drawn: the
+outputs are empty, each sample's part shaped as one call's.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from __future__ import annotations
 import torch
 
 from .._library import LIBRARY
+from ..reference.dropout import BITS, BOOL, GROUP
+from .dropout import _check_forward
 
 _VMAP_MODE = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
 
@@ -39,23 +51,27 @@ def _vmap_level() -> tuple[int, int, str]:
     return interpreter.level(), interpreter.batch_size(), interpreter.randomness()
 
 
-def _samples(input: torch.Tensor, level: int, batch_size: int) -> tuple[list[torch.Tensor], bool]:
-    """The input of each sample, and whether the input is batched at this level."""
-    if torch._C._functorch.is_batchedtensor(input) and torch._C._functorch.maybe_get_level(input) == level:
+def _batched_at(level: int, *tensors: torch.Tensor) -> bool:
+    return any(
+        torch._C._functorch.is_batchedtensor(t) and torch._C._functorch.maybe_get_level(t) == level for t in tensors
+    )
+
+
+def _samples(input: torch.Tensor, level: int, batch_size: int) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+    """The tensor under this level's batch dim (the input itself where it has none), the input of
+    each sample, and whether the input is batched at this level."""
+    if _batched_at(level, input):
         physical, bdim = torch._C._functorch._unwrap_batched(input, level)
-        return [physical.select(bdim, i) for i in range(batch_size)], True
-    return [input] * batch_size, False
+        return physical, [physical.select(bdim, i) for i in range(batch_size)], True
+    return input, [input] * batch_size, False
 
 
 def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The parts along a new dim 0, each keeping its strides (torch.stack may not)."""
+    """The parts along a new dim 0, each keeping its strides (torch.stack may not). Allocated by a
+    method of the first part: where the parts are batched at an outer vmap level or tracked by an
+    outer grad level, so is the result, and each part is copied in at that level."""
     first = parts[0]
-    out = torch.empty_strided(
-        (len(parts), *first.shape),
-        (max(first.numel(), 1), *first.stride()),
-        dtype=first.dtype,
-        device=first.device,
-    )
+    out = first.new_empty_strided((len(parts), *first.shape), (max(first.numel(), 1), *first.stride()))
     for i, part in enumerate(parts):
         out[i].copy_(part)
     return out
@@ -65,20 +81,48 @@ def _batched(t: torch.Tensor, level: int) -> torch.Tensor:
     return torch._C._functorch._add_batch_dim(t, 0, level)
 
 
-def _vmap_call(input: torch.Tensor) -> tuple[int, str, list[torch.Tensor], bool]:
-    """(level, randomness, each sample's input, whether the input is batched) of a random op's
-    call inside vmap; refuses the call in randomness="error" mode, as torch's random ops do."""
+def _empty_batch(base: torch.Tensor, shape, dtype: torch.dtype, level: int) -> torch.Tensor:
+    """A tensor batched at this level over no samples, each of this shape (base: the tensor
+    whose method allocates it, so that it is batched or tracked at the outer levels as base is)."""
+    return _batched(base.new_empty((0, *shape), dtype=dtype), level)
+
+
+def _no_samples(base: torch.Tensor, like: torch.Tensor, mask_mode: int, level: int) -> tuple[torch.Tensor, ...]:
+    """(output, mask, rng_state) over a batch of no samples, each sample's shaped as one call of
+    the op on ``like`` gives them (the fakes' shapes in .dropout): vmap over an empty batch."""
+    if mask_mode == BITS:
+        mask_shape, mask_dtype = ((like.numel() + GROUP - 1) // GROUP,), torch.uint8
+    elif mask_mode == BOOL:
+        mask_shape, mask_dtype = like.shape, torch.bool
+    else:
+        mask_shape, mask_dtype = (0,), torch.uint8
+    return (
+        _empty_batch(base, like.shape, like.dtype, level),
+        _empty_batch(base, mask_shape, mask_dtype, level),
+        _empty_batch(base, (2,), torch.int64, level),
+    )
+
+
+def _vmap_call(input: torch.Tensor) -> tuple[int, str, torch.Tensor, list[torch.Tensor], bool]:
+    """(level, randomness, the tensor under this level's batch dim, each sample's input, whether the
+    input is batched) of a random op's call inside vmap; refuses the call in randomness="error"
+    mode, as torch's random ops do."""
     level, batch_size, randomness = _vmap_level()
     if randomness == "error":
         raise RuntimeError(RANDOMNESS_ERROR)
     return (level, randomness, *_samples(input, level, batch_size))
 
 
+# The per-sample calls below run with this level's key excluded: not batched at this level, they
+# go on to the next level out, or at the last level to the kernels (see the module's docstring).
 def _dropout_vmap(input, p, mask_mode, generator=None):
-    level, randomness, samples, batched = _vmap_call(input)
+    level, randomness, physical, samples, batched = _vmap_call(input)
     with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
         if randomness == "same" and not batched:
             return torch.ops.fastreg.dropout(input, p, mask_mode, generator)
+        if not samples:
+            _check_forward(input, p, mask_mode)
+            return _no_samples(physical, input, mask_mode, level)
         first = torch.ops.fastreg.dropout(samples[0], p, mask_mode, generator)
         if randomness == "same":
             outputs = [first[0]] + [torch.ops.fastreg.dropout_seeded(x, p, first[2], mask_mode)[0] for x in samples[1:]]
@@ -88,7 +132,7 @@ def _dropout_vmap(input, p, mask_mode, generator=None):
 
 
 def _dropout_inplace_vmap(input, p, mask_mode, generator=None):
-    level, randomness, samples, batched = _vmap_call(input)
+    level, randomness, physical, samples, batched = _vmap_call(input)
     with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
         if not batched:
             if randomness == "different":  # torch's words for its own in-place random ops
@@ -98,6 +142,9 @@ def _dropout_inplace_vmap(input, p, mask_mode, generator=None):
                     "into a tensor that all samples share: use randomness='same', or inplace=False.)"
                 )
             return torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
+        if not samples:  # nothing to overwrite
+            _check_forward(input, p, mask_mode, "fastreg.dropout_")
+            return _no_samples(physical, input, mask_mode, level)[1:]
         first = torch.ops.fastreg.dropout_(samples[0], p, mask_mode, generator)
         if randomness == "same":
             for x in samples[1:]:
@@ -107,5 +154,28 @@ def _dropout_inplace_vmap(input, p, mask_mode, generator=None):
         return tuple(_batched(_stacked(list(parts)), level) for parts in zip(*results))
 
 
+# dropout_seeded and dropout_backward are deterministic: vmap's per-sample fallback serves them,
+# except over a batch of no samples, which it refuses ("does not support vmap over dims of size
+# 0"): these kernels answer that one (e.g. the backward of per-sample gradients over an empty
+# batch) and pass every other call on to the fallback.
+def _dropout_seeded_vmap(input, p, rng_state, mask_mode):
+    level, batch_size, _ = _vmap_level()
+    with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
+        if batch_size or not _batched_at(level, input, rng_state):
+            return torch.ops.fastreg.dropout_seeded(input, p, rng_state, mask_mode)
+        _check_forward(input, p, mask_mode)
+        return _no_samples(_samples(input, level, 0)[0], input, mask_mode, level)[:2]
+
+
+def _dropout_backward_vmap(grad_output, mask, rng_state, p, mask_mode):
+    level, batch_size, _ = _vmap_level()
+    with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
+        if batch_size or not _batched_at(level, grad_output, mask, rng_state):
+            return torch.ops.fastreg.dropout_backward(grad_output, mask, rng_state, p, mask_mode)
+        return _empty_batch(_samples(grad_output, level, 0)[0], grad_output.shape, grad_output.dtype, level)
+
+
 LIBRARY.impl("dropout", _dropout_vmap, "FuncTorchVmapMode")
 LIBRARY.impl("dropout_", _dropout_inplace_vmap, "FuncTorchVmapMode")
+LIBRARY.impl("dropout_seeded", _dropout_seeded_vmap, "FuncTorchVmapMode")
+LIBRARY.impl("dropout_backward", _dropout_backward_vmap, "FuncTorchVmapMode")
