@@ -33,8 +33,7 @@ from __future__ import annotations
 import torch
 
 from .._library import LIBRARY
-from ..reference.dropout import BITS, BOOL, GROUP
-from .dropout import _check_forward
+from .dropout import _check_forward, _fake_mask
 
 _VMAP_MODE = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
 
@@ -90,15 +89,10 @@ def _empty_batch(base: torch.Tensor, shape, dtype: torch.dtype, level: int) -> t
 def _no_samples(base: torch.Tensor, like: torch.Tensor, mask_mode: int, level: int) -> tuple[torch.Tensor, ...]:
     """(output, mask, rng_state) over a batch of no samples, each sample's shaped as one call of
     the op on ``like`` gives them (the fakes' shapes in .dropout): vmap over an empty batch."""
-    if mask_mode == BITS:
-        mask_shape, mask_dtype = ((like.numel() + GROUP - 1) // GROUP,), torch.uint8
-    elif mask_mode == BOOL:
-        mask_shape, mask_dtype = like.shape, torch.bool
-    else:
-        mask_shape, mask_dtype = (0,), torch.uint8
+    mask = _fake_mask(torch.empty(like.shape, device="meta"), mask_mode)
     return (
         _empty_batch(base, like.shape, like.dtype, level),
-        _empty_batch(base, mask_shape, mask_dtype, level),
+        _empty_batch(base, mask.shape, mask.dtype, level),
         _empty_batch(base, (2,), torch.int64, level),
     )
 
