@@ -55,12 +55,14 @@ memcheck_dropout() {
 }
 
 memcheck_rest() {  # misaligned inputs: the kernels' unvectorised paths
-  sanitize memcheck tests/test_weight_penalty.py tests/test_weight_penalty_cuda_launches.py tests/test_misaligned_inputs.py \
+  sanitize memcheck tests/test_weight_penalty.py tests/test_weight_penalty_module.py tests/test_weight_penalty_errors.py \
+    tests/test_weight_penalty_graphs.py tests/test_weight_penalty_cuda_launches.py tests/test_misaligned_inputs.py \
     tests/test_batch_norm.py
 }
 
 racecheck() {  # the kernels with shared memory
-  sanitize racecheck tests/test_weight_penalty.py tests/test_batch_norm.py
+  sanitize racecheck tests/test_weight_penalty.py tests/test_weight_penalty_module.py tests/test_weight_penalty_errors.py \
+    tests/test_weight_penalty_graphs.py tests/test_batch_norm.py
 }
 
 sanitizer() { memcheck_dropout && memcheck_rest && racecheck; }
