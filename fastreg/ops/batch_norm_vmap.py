@@ -1,7 +1,14 @@
-"""``torch.func.vmap`` of ``batch_norm_update_stats_``, the in-place update of running statistics.
+"""``torch.func.vmap`` of the ``fastreg::batch_norm*`` ops.
 
-vmap's fallback takes no mutating op ("the fallback path doesn't work on out= or view ops"), so
-a training-mode batch norm under vmap failed with that message whatever the case. With batched
+The functional ops (forward, eval, statistics, backward pieces) take each sample's tensors in one
+call of the op, and their outputs are stacked along a new dim 0. vmap's generic fallback computes
+the same, but warns on every call that a batching rule is missing (e.g. in per-sample gradients
+through an eval-mode batch norm), and it refuses a batch of no samples, whose outputs come here
+from the op's fake on the meta device.
+
+``batch_norm_update_stats_`` is the in-place update of running statistics. vmap's fallback
+takes no mutating op ("the fallback path doesn't work on out= or view ops"), so a training-mode
+batch norm under vmap failed with that message whatever the case. With batched
 running statistics (an ensemble's stacked buffers) each sample now updates its own slice; with
 unbatched ones under a batched input the update cannot be expressed, and the error says what to
 do instead, as torch's batch norm does.
@@ -10,6 +17,16 @@ do instead, as torch's batch norm does.
 from __future__ import annotations
 
 import torch
+
+_FUNCTIONAL_OPS = (
+    "batch_norm_train",
+    "batch_norm_eval",
+    "batch_norm_stats",
+    "batch_norm_elemt",
+    "batch_norm_backward",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+)
 
 UNBATCHED_RUNNING_STATS = (
     "fastreg.batch_norm under vmap: the input is batched but running_mean / running_var, which "
@@ -38,3 +55,40 @@ def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, mome
             count,
         )
     return None, None
+
+
+def _on_meta(arg, dim):
+    """One sample's argument on the meta device (a batched one may have no samples to select)."""
+    if not isinstance(arg, torch.Tensor):
+        return arg
+    shape = arg.shape if dim is None else arg.shape[:dim] + arg.shape[dim + 1 :]
+    return torch.empty(shape, dtype=arg.dtype, device="meta")
+
+
+def _register_per_sample_rule(name: str) -> None:
+    op = getattr(torch.ops.fastreg, name)
+    single_output = len(op.default._schema.returns) == 1
+
+    def rule(info, in_dims, *args):
+        def outputs(result) -> tuple:
+            return (result,) if single_output else tuple(result)
+
+        if info.batch_size:
+            per_sample = [
+                outputs(op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]))
+                for i in range(info.batch_size)
+            ]
+            stacked = tuple(torch.stack(parts) for parts in zip(*per_sample))
+        else:
+            batched = next(a for a, d in zip(args, in_dims) if d is not None)
+            shapes = outputs(op(*[_on_meta(a, d) for a, d in zip(args, in_dims)]))
+            stacked = tuple(batched.new_empty((0, *t.shape), dtype=t.dtype) for t in shapes)
+        if single_output:
+            return stacked[0], 0
+        return stacked, (0,) * len(stacked)
+
+    torch.library.register_vmap(f"fastreg::{name}", rule)
+
+
+for _name in _FUNCTIONAL_OPS:
+    _register_per_sample_rule(_name)

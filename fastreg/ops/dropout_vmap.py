@@ -14,8 +14,8 @@ random per sample too). Each sample is one call of the op (``dropout_seeded`` wi
 sample's rng_state for ``"same"``), written into an output whose per-sample strides are that
 call's, so forward and backward read masks in one order. vmap is for convenience, not speed
 here: B samples cost B kernel calls. ``dropout_seeded`` and ``dropout_backward`` are
-deterministic given their rng_state and go through vmap's per-sample fallback, which is right
-for them, except over a batch of no samples, which the fallback refuses: kernels here answer it.
+deterministic given their rng_state: each sample is one call on its own tensors, as vmap's
+generic fallback would run them, without its warning on every call and over an empty batch too.
 
 Inside another vmap (or grad), each sample's call goes on to the next level out, as any op that
 a level has handled does: through functorch's ``DynamicLayerBackMode``, which the calls reach
@@ -148,25 +148,49 @@ def _dropout_inplace_vmap(input, p, mask_mode, generator=None):
         return tuple(_batched(_stacked(list(parts)), level) for parts in zip(*results))
 
 
-# dropout_seeded and dropout_backward are deterministic: vmap's per-sample fallback serves them,
-# except over a batch of no samples, which it refuses ("does not support vmap over dims of size
-# 0"): these kernels answer that one (e.g. the backward of per-sample gradients over an empty
-# batch) and pass every other call on to the fallback.
+# dropout_seeded and dropout_backward are deterministic: each sample is one call on that sample's
+# tensors (the tensor itself where it has no batch dim at this level). vmap's generic fallback would
+# do the same, but it warns on every call that a batching rule is missing, and it refuses a batch
+# of no samples ("does not support vmap over dims of size 0"), e.g. the backward of per-sample
+# gradients over an empty batch.
+def _per_sample(call, tensors: tuple[torch.Tensor, ...], level: int, batch_size: int):
+    """Each output of ``call(*sample_tensors)`` for every sample, stacked and batched at this level."""
+    samples = [_samples(t, level, batch_size)[1] for t in tensors]
+    results = [call(*sample) for sample in zip(*samples)]
+    if isinstance(results[0], torch.Tensor):
+        return _batched(_stacked(results), level)
+    return tuple(_batched(_stacked(list(parts)), level) for parts in zip(*results))
+
+
 def _dropout_seeded_vmap(input, p, rng_state, mask_mode):
     level, batch_size, _ = _vmap_level()
     with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
-        if batch_size or not _batched_at(level, input, rng_state):
+        if not _batched_at(level, input, rng_state):
             return torch.ops.fastreg.dropout_seeded(input, p, rng_state, mask_mode)
-        _check_forward(input, p, mask_mode)
-        return _no_samples(_samples(input, level, 0)[0], input, mask_mode, level)[:2]
+        if not batch_size:
+            _check_forward(input, p, mask_mode)
+            return _no_samples(_samples(input, level, 0)[0], input, mask_mode, level)[:2]
+        return _per_sample(
+            lambda x, state: torch.ops.fastreg.dropout_seeded(x, p, state, mask_mode),
+            (input, rng_state),
+            level,
+            batch_size,
+        )
 
 
 def _dropout_backward_vmap(grad_output, mask, rng_state, p, mask_mode):
     level, batch_size, _ = _vmap_level()
     with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
-        if batch_size or not _batched_at(level, grad_output, mask, rng_state):
+        if not _batched_at(level, grad_output, mask, rng_state):
             return torch.ops.fastreg.dropout_backward(grad_output, mask, rng_state, p, mask_mode)
-        return _empty_batch(_samples(grad_output, level, 0)[0], grad_output.shape, grad_output.dtype, level)
+        if not batch_size:
+            return _empty_batch(_samples(grad_output, level, 0)[0], grad_output.shape, grad_output.dtype, level)
+        return _per_sample(
+            lambda g, m, state: torch.ops.fastreg.dropout_backward(g, m, state, p, mask_mode),
+            (grad_output, mask, rng_state),
+            level,
+            batch_size,
+        )
 
 
 LIBRARY.impl("dropout", _dropout_vmap, "FuncTorchVmapMode")
