@@ -374,6 +374,29 @@ def test_vmap_of_weight_penalty_is_the_per_sample_penalty(device):
         torch.testing.assert_close(g, 0.1 * p.sign() + 0.4 * p)
 
 
+@pytest.mark.parametrize("coefficients", ["floats", "tensors"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_weight_penalty_over_an_empty_ensemble_gives_empty_outputs(device, coefficients):
+    # A loop over no models stacks nothing: values of shape (0,) in the value's dtype (float64
+    # when a parameter is), gradients shaped as the parameters.
+    stacked = [torch.randn(0, 3, 5, device=device), torch.randn(0, 7, device=device, dtype=torch.float64)]
+    shared = torch.randn(6, device=device)
+    l1, l2 = (0.1, 0.2) if coefficients == "floats" else (torch.tensor(0.1), torch.tensor(0.2))
+    value_op = (
+        torch.ops.fastreg.weight_penalty_value
+        if coefficients == "floats"
+        else torch.ops.fastreg.weight_penalty_value_tensor_coefficients
+    )
+
+    def penalty(a, b):
+        return value_op([a, b, shared], l1, l2)
+
+    values = vmap(penalty)(*stacked)
+    assert values.shape == (0,) and values.dtype == torch.float64 and values.device == stacked[0].device
+    grads = vmap(grad(penalty, argnums=(0, 1)))(*stacked)
+    assert [(g.shape, g.dtype) for g in grads] == [(p.shape, p.dtype) for p in stacked]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_per_sample_gradients_of_a_model_with_fastreg_layers(device):
     # The torch.func recipe for per-sample gradients (as in DP-SGD), over fastreg's modules.

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .vmap_empty_batch import empty_stack, first_batched, sample_on_meta
+
 _FUNCTIONAL_OPS = (
     "batch_norm_train",
     "batch_norm_eval",
@@ -57,14 +59,6 @@ def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, mome
     return None, None
 
 
-def _on_meta(arg, dim):
-    """One sample's argument on the meta device (a batched one may have no samples to select)."""
-    if not isinstance(arg, torch.Tensor):
-        return arg
-    shape = arg.shape if dim is None else arg.shape[:dim] + arg.shape[dim + 1 :]
-    return torch.empty(shape, dtype=arg.dtype, device="meta")
-
-
 def _register_per_sample_rule(name: str) -> None:
     op = getattr(torch.ops.fastreg, name)
     single_output = len(op.default._schema.returns) == 1
@@ -80,9 +74,8 @@ def _register_per_sample_rule(name: str) -> None:
             ]
             stacked = tuple(torch.stack(parts) for parts in zip(*per_sample))
         else:
-            batched = next(a for a, d in zip(args, in_dims) if d is not None)
-            shapes = outputs(op(*[_on_meta(a, d) for a, d in zip(args, in_dims)]))
-            stacked = tuple(batched.new_empty((0, *t.shape), dtype=t.dtype) for t in shapes)
+            like = first_batched(args, in_dims)
+            stacked = tuple(empty_stack(like, t) for t in outputs(op(*map(sample_on_meta, args, in_dims))))
         if single_output:
             return stacked[0], 0
         return stacked, (0,) * len(stacked)

@@ -4,13 +4,16 @@ vmap's generic fallback takes no ``Tensor[]`` argument ("could not generate a fa
 penalty over an ensemble's stacked parameters (``vmap`` over ``functional_call``) had no vmap.
 These rules run the op once per sample on that sample's tensors (one multi-tensor pass each)
 and stack the results: the value of sample i is the op's value on the parameters of sample i,
-bit for bit. The ``*_tensor_coefficients`` twins (torch.compile's form) have the same rules.
+bit for bit; over a batch of no samples, the outputs are empty (``vmap_empty_batch``). The
+``*_tensor_coefficients`` twins (torch.compile's form) have the same rules.
 ``weight_penalty_grad_`` writes ``.grad``-like buffers in place and has no rule.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .vmap_empty_batch import empty_stack, first_batched, sample_on_meta
 
 
 def _sample(params, dims, i: int) -> list[torch.Tensor]:
@@ -24,6 +27,8 @@ def _value_vmap(name: str):
         # l1 and l2 as given: a coefficient tensor batched by vmap has more than one element,
         # which the tensor-coefficient op refuses
         dims = in_dims[0]
+        if not info.batch_size:
+            return empty_stack(first_batched([params], [dims]), op(sample_on_meta(params, dims), l1, l2)), 0
         values = [op(_sample(params, dims, i), l1, l2) for i in range(info.batch_size)]
         return torch.stack(values), 0
 
@@ -35,6 +40,10 @@ def _backward_vmap(name: str):
 
     def rule(info, in_dims, grad_output, params, l1, l2):
         go_dim, dims = in_dims[0], in_dims[1]
+        if not info.batch_size:
+            like = first_batched((grad_output, params), in_dims)
+            shapes = op(sample_on_meta(grad_output, go_dim), sample_on_meta(params, dims), l1, l2)
+            return [empty_stack(like, t) for t in shapes], [0] * len(shapes)
         per_sample = [
             op(grad_output if go_dim is None else grad_output.select(go_dim, i), _sample(params, dims, i), l1, l2)
             for i in range(info.batch_size)
