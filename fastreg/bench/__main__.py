@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import env, report
-from .cases import cases_for
+from .cases import cases_for, op_names
 from .runner import ERROR, MISMATCH, run_cases
 from .sets import SETS, default_set
 
@@ -73,15 +73,28 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _parse_ops(parser: argparse.ArgumentParser, text: str | None) -> list[str] | None:
+    """--ops as a list of registered op names, each once (None: all); a usage error otherwise."""
+    if not text:
+        return None
+    ops = list(dict.fromkeys(op.strip() for op in text.split(",")))
+    known = op_names()
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        parser.error(f"argument --ops: unknown op(s) {', '.join(map(repr, unknown))} (choose from {', '.join(known)})")
+    return ops
+
+
 def main_run(argv: list[str]) -> int:
-    args = run_parser().parse_args(argv)
+    parser = run_parser()
+    args = parser.parse_args(argv)
     device = args.device or _default_device()
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastreg.bench: --device cuda asked for, but torch.cuda.is_available() is False")
     set_name = args.set or default_set(device)
-    ops = [op.strip() for op in args.ops.split(",")] if args.ops else None
+    ops = _parse_ops(parser, args.ops)
     cases = cases_for(set_name, device, ops, args.compile)
     if args.match:
         cases = [c for c in cases if args.match in c.id]

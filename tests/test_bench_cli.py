@@ -1,0 +1,31 @@
+"""The command line of ``python -m fastreg.bench``: usage errors are one line and exit 2, other
+errors one line and exit 1, never a traceback; nothing is run or written for a command that
+cannot do what it was asked."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastreg.bench.__main__ import main
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """Runs the CLI, expects argparse's exit 2, returns its error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("ops", ["nope", "dropout,nope", "dropout,", ","])
+def test_unknown_op_is_a_usage_error(ops, capsys):
+    line = usage_error(["--ops", ops, "--list"], capsys)
+    assert "--ops" in line and "unknown op" in line and "dropout" in line
+
+
+def test_an_op_named_twice_runs_once(capsys):
+    assert main(["--device", "cpu", "--ops", "dropout,dropout", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed and len(listed) == len(set(listed))
