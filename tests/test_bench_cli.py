@@ -5,6 +5,7 @@ cannot do what it was asked."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fastreg.bench.__main__ import main
 
@@ -29,3 +30,25 @@ def test_an_op_named_twice_runs_once(capsys):
     assert main(["--device", "cpu", "--ops", "dropout,dropout", "--list"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed and len(listed) == len(set(listed))
+
+
+@pytest.mark.parametrize("device", ["gpu", "CPU", "meta", "cuda:x"])
+def test_unknown_device_is_a_usage_error(device, capsys):
+    line = usage_error(["--device", device, "--list"], capsys)
+    assert "--device" in line and repr(device) in line
+
+
+def test_cuda_without_cuda_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="is_available"):
+        main(["--device", "cuda", "--list"])
+    with pytest.raises(SystemExit, match="is_available"):
+        main(["--device", "cuda:0", "--ops", "dropout", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cuda_device_that_is_not_there_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="only 1 CUDA device"):
+        main(["--device", "cuda:1", "--list"])

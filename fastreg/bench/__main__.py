@@ -85,14 +85,31 @@ def _parse_ops(parser: argparse.ArgumentParser, text: str | None) -> list[str] |
     return ops
 
 
+def _parse_device(parser: argparse.ArgumentParser, text: str | None) -> str:
+    """--device checked before anything runs: cpu, or a CUDA device that this process can see."""
+    if text is None:
+        return _default_device()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("fastreg.bench: --device cuda asked for, but torch.cuda.is_available() is False")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise SystemExit(f"fastreg.bench: --device {text} asked for, but only {count} CUDA device(s) are visible")
+    return text
+
+
 def main_run(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
-    device = args.device or _default_device()
+    device = _parse_device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastreg.bench: --device cuda asked for, but torch.cuda.is_available() is False")
     set_name = args.set or default_set(device)
     ops = _parse_ops(parser, args.ops)
     cases = cases_for(set_name, device, ops, args.compile)
