@@ -52,3 +52,11 @@ def test_a_cuda_device_that_is_not_there_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match="only 1 CUDA device"):
         main(["--device", "cuda:1", "--list"])
+
+
+@pytest.mark.parametrize("threads", ["0", "-3"])
+def test_threads_below_one_is_a_usage_error(threads, capsys):
+    before = torch.get_num_threads()
+    line = usage_error(["--threads", threads, "--list"], capsys)
+    assert "--threads" in line and "positive" in line
+    assert torch.get_num_threads() == before

@@ -108,7 +108,9 @@ def main_run(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
     device = _parse_device(parser, args.device)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"argument --threads: expected a positive number of threads, got {args.threads}")
         torch.set_num_threads(args.threads)
     set_name = args.set or default_set(device)
     ops = _parse_ops(parser, args.ops)
