@@ -60,3 +60,12 @@ def test_threads_below_one_is_a_usage_error(threads, capsys):
     line = usage_error(["--threads", threads, "--list"], capsys)
     assert "--threads" in line and "positive" in line
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("listing", [True, False])
+def test_match_that_selects_nothing_is_a_usage_error(listing, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--ops", "dropout", "--match", "zzz", "--out", str(out), "--no-compile"]
+    line = usage_error(argv + (["--list"] if listing else []), capsys)
+    assert "--match" in line and "'zzz' selects none of the" in line and "dropout" in line
+    assert not out.exists()

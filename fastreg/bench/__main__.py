@@ -114,9 +114,13 @@ def main_run(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     set_name = args.set or default_set(device)
     ops = _parse_ops(parser, args.ops)
-    cases = cases_for(set_name, device, ops, args.compile)
-    if args.match:
-        cases = [c for c in cases if args.match in c.id]
+    all_cases = cases_for(set_name, device, ops, args.compile)
+    cases = [c for c in all_cases if args.match in c.id] if args.match else all_cases
+    if not cases:  # a filter that selects nothing is a mistake, not an empty report
+        scope = f"the '{set_name}' set on {device}" + (f" for --ops {args.ops}" if ops else "")
+        if args.match and all_cases:
+            parser.error(f"argument --match: {args.match!r} selects none of the {len(all_cases)} cases of {scope}")
+        parser.error(f"no cases in {scope}")
     if args.list:
         for case in cases:
             print(f"{case.id:<32} {', '.join(case.impl_names)}")
