@@ -4,9 +4,14 @@ cannot do what it was asked."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
+from fastreg.bench import __main__ as bench_main
 from fastreg.bench.__main__ import main
 
 
@@ -69,3 +74,51 @@ def test_match_that_selects_nothing_is_a_usage_error(listing, tmp_path, capsys):
     line = usage_error(argv + (["--list"] if listing else []), capsys)
     assert "--match" in line and "'zzz' selects none of the" in line and "dropout" in line
     assert not out.exists()
+
+
+def no_run(*args, **kwargs):
+    raise AssertionError("the benchmark ran before --out was found unusable")
+
+
+TINY_RUN = ["--device", "cpu", "--ops", "dropout", "--match", "fwd_inplace-fp32-4K", "--no-compile"]
+
+
+def unwritable_folder(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root
+        pytest.skip("this user can write to a read-only folder")
+    return folder
+
+
+def sysfs(tmp_path):
+    """A folder that even root cannot create files in."""
+    try:
+        tempfile.NamedTemporaryFile(dir="/sys").close()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("/sys is missing or writable here")
+
+
+@pytest.mark.parametrize(
+    "out, reason",
+    [
+        (lambda tmp: tmp / "a-file", "is a file, not a folder"),
+        (lambda tmp: tmp / "a-file" / "run", "cannot write the results"),
+        (lambda tmp: unwritable_folder(tmp), "cannot write the results"),
+        (lambda tmp: unwritable_folder(tmp) / "run", "cannot write the results"),
+        (sysfs, "cannot write the results"),
+        (lambda tmp: sysfs(tmp) / "fastreg-bench-run", "cannot write the results"),
+    ],
+    ids=["file", "under-a-file", "read-only", "under-read-only", "sysfs", "under-sysfs"],
+)
+def test_unusable_out_is_a_one_line_error_before_the_run(out, reason, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("not a folder\n")
+    folder = out(tmp_path)
+    monkeypatch.setattr(bench_main, "run_cases", no_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY_RUN, "--out", str(folder)])
+    assert isinstance(exit_info.value.code, str) and reason in exit_info.value.code
+    assert str(folder) in exit_info.value.code and "\n" not in exit_info.value.code
+    assert (tmp_path / "a-file").read_text() == "not a folder\n"

@@ -14,6 +14,7 @@ import argparse
 import datetime
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,16 +62,24 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"fastreg.bench: --out {out} is a file, not a folder; choose another --out")
     existing = [name for name in report.OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise SystemExit(
             f"fastreg.bench: {out} already holds a run ({', '.join(existing)}); "
             "pass --overwrite to replace it, or choose another --out"
         )
-    for name in existing:  # only what we write ourselves; anything else in the folder stays
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # now, not after the run: a folder we cannot write to would lose every measurement
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fastreg-bench-write-check-"):
+            pass
+        for name in existing:  # only what we write ourselves; anything else in the folder stays
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    except OSError as error:
+        raise SystemExit(f"fastreg.bench: cannot write the results to --out {out}: {error.strerror or error}") from None
 
 
 def _parse_ops(parser: argparse.ArgumentParser, text: str | None) -> list[str] | None:
