@@ -4,6 +4,7 @@ cannot do what it was asked."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -122,3 +123,41 @@ def test_unusable_out_is_a_one_line_error_before_the_run(out, reason, tmp_path, 
     assert isinstance(exit_info.value.code, str) and reason in exit_info.value.code
     assert str(folder) in exit_info.value.code and "\n" not in exit_info.value.code
     assert (tmp_path / "a-file").read_text() == "not a folder\n"
+
+
+def fake_run(folder: Path, median_ms: float = 1.0, case: str = "dropout-fwd-fp32-4K") -> Path:
+    """A minimal raw.json with one row, as a run writes it."""
+    folder.mkdir(parents=True)
+    row = {"case": case, "impl": "fastreg", "status": "ok", "median_ms": median_ms}
+    info = {"date": "2026-01-01", "set": "quick", "device_name": "cpu"}
+    (folder / "raw.json").write_text(json.dumps({"info": info, "rows": [row]}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (None, "cannot read"),
+        ("{not json", "not valid JSON"),
+        ("[]", "no 'info' and 'rows'"),
+        ('{"machines": []}', "no 'info' and 'rows'"),  # e.g. pytest-benchmark's JSON
+        ('{"info": {}, "rows": [{"case": "x", "impl": "y"}]}', "a row without status, median_ms"),
+    ],
+    ids=["missing", "bad-json", "list", "other-json", "missing-columns"],
+)
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_compare_of_something_that_is_not_a_run_is_a_usage_error(raw, reason, which, tmp_path, capsys):
+    good = fake_run(tmp_path / "good")
+    bad = tmp_path / "bad"
+    if raw is not None:
+        bad.mkdir()
+        (bad / "raw.json").write_text(raw)
+    runs = [str(bad), str(good)] if which == "a" else [str(good), str(bad)]
+    line = usage_error(["compare", *runs], capsys)
+    assert reason in line and str(bad) in line
+
+
+def test_report_of_something_that_is_not_a_run_is_a_usage_error(tmp_path, capsys):
+    line = usage_error(["report", str(tmp_path / "nothing")], capsys)
+    assert "is not a fastreg.bench run" in line
+    assert not (tmp_path / "nothing").exists()

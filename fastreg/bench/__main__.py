@@ -164,14 +164,19 @@ def main_run(argv: list[str]) -> int:
 
 
 def main_compare(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastreg.bench compare")
-    parser.add_argument("run_a", type=Path)
-    parser.add_argument("run_b", type=Path)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastreg.bench compare", description="Median times of two runs side by side, B/A per row."
+    )
+    parser.add_argument("run_a", type=Path, help="result folder of a run (holds raw.json)")
+    parser.add_argument("run_b", type=Path, help="result folder of another run")
     parser.add_argument("--out", type=Path, default=None, help="also write the comparison to this Markdown file")
     args = parser.parse_args(argv)
     from .compare import compare
 
-    text = compare(args.run_a, args.run_b)
+    try:
+        text = compare(args.run_a, args.run_b)
+    except report.NotARun as error:
+        parser.error(str(error))
     print(text)
     if args.out:
         args.out.write_text(text)
@@ -179,10 +184,15 @@ def main_compare(argv: list[str]) -> int:
 
 
 def main_report(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastreg.bench report")
-    parser.add_argument("run", type=Path)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastreg.bench report", description="Re-render report.md, results.csv and plots from raw.json."
+    )
+    parser.add_argument("run", type=Path, help="result folder of a run (holds raw.json)")
     folder = parser.parse_args(argv).run
-    info, rows = report.load_raw(folder)
+    try:
+        info, rows = report.load_raw(folder)
+    except report.NotARun as error:
+        parser.error(str(error))
     report.write_all(folder, info, rows)
     print(f"fastreg.bench: re-rendered {folder / report.REPORT}")
     return 0

@@ -19,8 +19,28 @@ def write_raw(folder: Path, info: dict, rows: list[dict]) -> None:
     (folder / RAW).write_text(json.dumps({"info": info, "rows": rows}, indent=1, default=str) + "\n")
 
 
+#: what every row of a raw.json has, whichever version wrote it (compare reads only these)
+ROW_KEYS = ("case", "impl", "status", "median_ms")
+
+
+class NotARun(ValueError):
+    """The folder holds no readable raw.json of a fastreg.bench run."""
+
+
 def load_raw(folder: Path) -> tuple[dict, list[dict]]:
-    data = json.loads((Path(folder) / RAW).read_text())
+    path = Path(folder) / RAW
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise NotARun(f"{folder} is not a fastreg.bench run: cannot read {path} ({error.strerror or error})") from None
+    except ValueError as error:
+        raise NotARun(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("info"), dict) or not isinstance(data.get("rows"), list):
+        raise NotARun(f"{path} is not the raw.json of a fastreg.bench run (no 'info' and 'rows')")
+    for row in data["rows"]:
+        missing = [key for key in ROW_KEYS if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise NotARun(f"{path} is not the raw.json of a fastreg.bench run (a row without {', '.join(missing)})")
     return data["info"], data["rows"]
 
 
