@@ -161,3 +161,13 @@ def test_report_of_something_that_is_not_a_run_is_a_usage_error(tmp_path, capsys
     line = usage_error(["report", str(tmp_path / "nothing")], capsys)
     assert "is not a fastreg.bench run" in line
     assert not (tmp_path / "nothing").exists()
+
+
+def test_compare_to_an_unwritable_out_is_a_one_line_error(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a", 2.0), fake_run(tmp_path / "b", 1.0)
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "| dropout-fwd-fp32-4K | fastreg | 2.00 ms | 1.00 ms | 0.50 |" in capsys.readouterr().out
+    for out in (tmp_path, tmp_path / "missing" / "compare.md"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", str(a), str(b), "--out", str(out)])
+        assert isinstance(exit_info.value.code, str) and f"cannot write --out {out}" in exit_info.value.code

@@ -179,7 +179,10 @@ def main_compare(argv: list[str]) -> int:
         parser.error(str(error))
     print(text)
     if args.out:
-        args.out.write_text(text)
+        try:
+            args.out.write_text(text)
+        except OSError as error:
+            raise SystemExit(f"fastreg.bench: cannot write --out {args.out}: {error.strerror or error}") from None
     return 0
 
 
