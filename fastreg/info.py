@@ -5,6 +5,7 @@ Meant to be pasted into bug reports. Loading the kernels may compile them (JIT),
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -146,7 +147,12 @@ def report() -> str:
     return "\n".join(sections)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m fastreg.info",
+        description="Prints versions, build facts and which implementation serves each op on each device, "
+        "for bug reports. Loading the kernels may compile them (JIT), once.",
+    ).parse_args(argv)
     print(report())
     return 0
 

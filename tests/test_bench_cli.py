@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastreg import info
 from fastreg.bench import __main__ as bench_main
 from fastreg.bench.__main__ import main
 
@@ -171,3 +172,28 @@ def test_compare_to_an_unwritable_out_is_a_one_line_error(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["compare", str(a), str(b), "--out", str(out)])
         assert isinstance(exit_info.value.code, str) and f"cannot write --out {out}" in exit_info.value.code
+
+
+# ---------------------------------------------------------------- python -m fastreg.info
+
+
+def test_info_help_prints_usage_not_the_report(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        info.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m fastreg.info") and "== environment ==" not in out
+
+
+def test_info_unknown_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        info.main(["--bogus"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "unrecognized arguments: --bogus" in captured.err and "== environment ==" not in captured.out
+
+
+def test_info_prints_the_report(capsys):
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "== environment ==" in out and "== ops ==" in out and "dropout" in out
