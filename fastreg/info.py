@@ -153,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Prints versions, build facts and which implementation serves each op on each device, "
         "for bug reports. Loading the kernels may compile them (JIT), once.",
     ).parse_args(argv)
+    from . import _loader
+
+    try:
+        _loader.requested_backend()
+    except ValueError as error:  # a setting this report is meant to diagnose: say so, not a traceback
+        raise SystemExit(f"fastreg.info: {error}") from None
     print(report())
     return 0
 

@@ -197,3 +197,13 @@ def test_info_prints_the_report(capsys):
     assert info.main([]) == 0
     out = capsys.readouterr().out
     assert "== environment ==" in out and "== ops ==" in out and "dropout" in out
+
+
+def test_an_invalid_fastreg_backend_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTREG_BACKEND", "bogus")
+    message = "FASTREG_BACKEND must be 'auto' or 'reference', got 'bogus'"
+    with pytest.raises(SystemExit, match=f"^fastreg.info: {message}$"):
+        info.main([])
+    with pytest.raises(SystemExit, match=f"^fastreg.bench: {message}$"):
+        main([*TINY_RUN, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

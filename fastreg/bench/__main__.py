@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .._loader import requested_backend
 from . import env, report
 from .cases import cases_for, op_names
 from .runner import ERROR, MISMATCH, run_cases
@@ -117,6 +118,10 @@ def main_run(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
     device = _parse_device(parser, args.device)
+    try:
+        requested_backend()
+    except ValueError as error:
+        raise SystemExit(f"fastreg.bench: {error}") from None
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"argument --threads: expected a positive number of threads, got {args.threads}")
