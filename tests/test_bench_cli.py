@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -207,3 +209,31 @@ def test_an_invalid_fastreg_backend_is_a_one_line_error(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match=f"^fastreg.bench: {message}$"):
         main([*TINY_RUN, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- scripts/bench.sh
+
+
+@pytest.mark.parametrize("venv", [None, "other-venv"])
+def test_bench_sh_runs_in_the_callers_folder(venv, tmp_path):
+    """Relative --out and compare paths must mean the caller's folder, not the repository's."""
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (repo / "scripts").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "scripts" / "bench.sh", repo / "scripts" / "bench.sh")
+    (repo / "scripts" / "setup.sh").write_text("#!/usr/bin/env bash\nexit 0\n")
+    python = repo / (venv or ".venv") / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$@"\n')  # stands in for the venv's python
+    for script in (repo / "scripts" / "bench.sh", repo / "scripts" / "setup.sh", python):
+        script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "FASTREG_VENV"} | ({"FASTREG_VENV": venv} if venv else {})
+    done = subprocess.run(
+        ["../repo/scripts/bench.sh", "compare", "run a", "run_b"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.splitlines() == [str(elsewhere), "-m", "fastreg.bench", "compare", "run a", "run_b"]
