@@ -16,7 +16,9 @@ import torch
 
 from fastreg import info
 from fastreg.bench import __main__ as bench_main
+from fastreg.bench import report
 from fastreg.bench.__main__ import main
+from fastreg.bench.runner import Row
 
 
 def usage_error(argv: list[str], capsys) -> str:
@@ -131,7 +133,7 @@ def test_unusable_out_is_a_one_line_error_before_the_run(out, reason, tmp_path, 
 def fake_run(folder: Path, median_ms: float = 1.0, case: str = "dropout-fwd-fp32-4K") -> Path:
     """A minimal raw.json with one row, as a run writes it."""
     folder.mkdir(parents=True)
-    row = {"case": case, "impl": "fastreg", "status": "ok", "median_ms": median_ms}
+    row = Row(case, "dropout", "fwd", "fp32", "4K", 4096, "cpu", "fastreg", False, median_ms=median_ms).as_dict()
     info = {"date": "2026-01-01", "set": "quick", "device_name": "cpu"}
     (folder / "raw.json").write_text(json.dumps({"info": info, "rows": [row]}))
     return folder
@@ -237,3 +239,22 @@ def test_bench_sh_runs_in_the_callers_folder(venv, tmp_path):
         check=True,
     )
     assert done.stdout.splitlines() == [str(elsewhere), "-m", "fastreg.bench", "compare", "run a", "run_b"]
+
+
+def test_report_into_a_folder_it_cannot_write_is_a_one_line_error(tmp_path, monkeypatch):
+    run = fake_run(tmp_path / "run")
+    (run / "report.md").mkdir()  # stands in for a folder this user cannot write (root writes anywhere)
+    monkeypatch.setattr(report, "plots", lambda folder, rows: ([], ""))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run)])
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith(f"fastreg.bench: cannot write the report into {run}: ")
+    assert "\n" not in message
+
+
+def test_report_rerenders_a_run(tmp_path, monkeypatch):
+    run = fake_run(tmp_path / "run")
+    monkeypatch.setattr(report, "plots", lambda folder, rows: ([], ""))
+    assert main(["report", str(run)]) == 0
+    assert "| fwd | fp32 | 4K | 1.00 ms |" in (run / "report.md").read_text()
+    assert (run / "results.csv").read_text().startswith("case,op,kind,")

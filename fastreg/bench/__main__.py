@@ -201,7 +201,10 @@ def main_report(argv: list[str]) -> int:
         info, rows = report.load_raw(folder)
     except report.NotARun as error:
         parser.error(str(error))
-    report.write_all(folder, info, rows)
+    try:
+        report.write_all(folder, info, rows)
+    except OSError as error:
+        raise SystemExit(f"fastreg.bench: cannot write the report into {folder}: {error}") from None
     print(f"fastreg.bench: re-rendered {folder / report.REPORT}")
     return 0
 
