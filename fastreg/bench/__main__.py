@@ -5,7 +5,8 @@
     python -m fastreg.bench compare RUN_A RUN_B [--out FILE]
     python -m fastreg.bench report RUN          (re-render report.md, CSV and plots from raw.json)
 
-Exit status 1 when any implementation failed the correctness gate (the report says which).
+Exit status 1 when any implementation failed the correctness gate (the report says which), or for an
+error of the machine (no CUDA, an --out that cannot be written); 2 for a usage error. docs/benchmark.md.
 """
 
 from __future__ import annotations
