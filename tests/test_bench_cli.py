@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -258,3 +259,14 @@ def test_report_rerenders_a_run(tmp_path, monkeypatch):
     assert main(["report", str(run)]) == 0
     assert "| fwd | fp32 | 4K | 1.00 ms |" in (run / "report.md").read_text()
     assert (run / "results.csv").read_text().startswith("case,op,kind,")
+
+
+def test_the_recorded_command_can_be_run_again(tmp_path, monkeypatch):
+    """An argument with a space (an --out folder, a --match) keeps its quotes in the run info."""
+    out = tmp_path / "my run"
+    monkeypatch.setattr(bench_main, "run_cases", lambda cases, policy: [])
+    argv = [*TINY_RUN, "--out", str(out)]
+    assert main(argv) == 0
+    command = json.loads((out / "raw.json").read_text())["info"]["command"]
+    assert shlex.split(command) == ["python", "-m", "fastreg.bench", *argv]
+    assert f"| command | `{command}` |" in (out / "report.md").read_text()

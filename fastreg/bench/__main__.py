@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shlex
 import shutil
 import sys
 import tempfile
@@ -147,7 +148,7 @@ def main_run(argv: list[str]) -> int:
         f"fastreg.bench: {len(cases)} cases of the '{set_name}' set on {device}; results go to {out}", file=sys.stderr
     )
     info = env.run_info(device, set_name)  # loads (or JIT-builds) the kernels before anything is timed
-    info["command"] = " ".join(["python -m fastreg.bench", *argv])
+    info["command"] = "python -m fastreg.bench " + shlex.join(argv)  # quoted: it can be pasted to run again
     print(
         f"fastreg.bench: {info['device_name']}, torch {info['torch_version']}, fastreg {info['fastreg_commit']}, "
         f"backend {info['fastreg_backend']}",
