@@ -118,13 +118,16 @@ def _dropout(
         check_input(input)
     else:  # the same steps, and what TorchScript cannot compile
         check_p(p)
-        if type(input) is not torch.Tensor and _served_by_torch(input, generator, "fastreg.dropout"):
+        tracing = _tracing_state()
+        # _maybe_served_by_torch, inlined: every call comes here
+        if (type(input) is not torch.Tensor or tracing is not None) and _served_by_torch(
+            input, generator, "fastreg.dropout"
+        ):
             return torch.nn.functional.dropout(input, p, training, inplace)
         if training is not True and training is not False:
             _check_training(training, "fastreg.dropout")
-        # As torch: the input itself, nothing drawn or checked (_is_empty, inlined: every call
-        # comes here).
-        if not training or p == 0 or (_tracing_state() is None and input.numel() == 0):
+        # As torch: the input itself, nothing drawn or checked (_is_empty, inlined).
+        if not training or p == 0 or (tracing is None and input.numel() == 0):
             return input
         if p == 1:
             return _zeroed(input, inplace)
@@ -147,13 +150,30 @@ def _check_training(training, op: str) -> None:
         raise TypeError(f"{op}: argument 'training' must be bool, not {name}")
 
 
+def _maybe_served_by_torch(input) -> bool:
+    """Whether to ask _served_by_torch: for tensors of a subclass (and non-tensors, which it
+    refuses), and under torch.jit.trace (the TorchScript ONNX exporter traces plain tensors). An
+    eager call with a plain tensor pays two cheap tests."""
+    return type(input) is not torch.Tensor or _tracing_state() is not None
+
+
+def _exporting_to_onnx() -> bool:
+    """Under ``torch.onnx.export``, whose translators know torch's ops and not fastreg's: the
+    callers hand the call to torch's function, which exports as ONNX's Dropout and
+    BatchNormalization. Nobody exports before importing ``torch.onnx`` (torch does not import it)."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def _served_by_torch(input: torch.Tensor, generator: torch.Generator | None = None, op: str = "") -> bool:
     """Inputs the kernels cannot take, which torch's dropout serves: jagged nested tensors, and
     DTensors (whose masks torch draws through DTensor's RNG tracker, one consistent mask across
-    shards). Asked only for tensors of a subclass (and non-tensors, refused here): a plain tensor
-    costs the callers one test."""
+    shards); and any input under ONNX export (an ONNX graph has its own random numbers: a
+    generator has no meaning there). Asked only when _maybe_served_by_torch says so."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: argument 'input' must be Tensor, not {type(input).__name__}")
+    if _exporting_to_onnx():
+        return True
     if input.is_nested:
         kind = "nested tensor"
     else:
@@ -241,7 +261,7 @@ def _warn_while_tracing(ctx) -> None:
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout1d``: zeroes whole channels of (N, C, L) or (C, L)."""
     if not _is_scripting():
-        if type(input) is not torch.Tensor and _served_by_torch(input, None, "fastreg.dropout1d"):
+        if _maybe_served_by_torch(input) and _served_by_torch(input, None, "fastreg.dropout1d"):
             return torch.nn.functional.dropout1d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (2, 3):
@@ -256,7 +276,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout2d``, warnings included."""
     if not _is_scripting():
-        if type(input) is not torch.Tensor and _served_by_torch(input, None, "fastreg.dropout2d"):
+        if _maybe_served_by_torch(input) and _served_by_torch(input, None, "fastreg.dropout2d"):
             return torch.nn.functional.dropout2d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (3, 4):
@@ -280,7 +300,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.dropout3d``: zeroes whole channels of (N, C, D, H, W) or (C, D, H, W)."""
     if not _is_scripting():
-        if type(input) is not torch.Tensor and _served_by_torch(input, None, "fastreg.dropout3d"):
+        if _maybe_served_by_torch(input) and _served_by_torch(input, None, "fastreg.dropout3d"):
             return torch.nn.functional.dropout3d(input, p, training, inplace)
     _check_p(p)
     if input.dim() not in (4, 5):
@@ -318,6 +338,11 @@ def batch_norm(
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not torch.jit.is_scripting():  # TorchScript compiles this function with the modules
+        # _maybe_served_by_torch, inlined: every call comes here
+        if (type(input) is not torch.Tensor or _tracing_state() is not None) and _exporting_to_onnx():
+            return torch.nn.functional.batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps
+            )
         _loader.load_before_dispatch(input)
     if not training:
         if running_mean is None or running_var is None:
