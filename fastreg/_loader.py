@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shlex
 import shutil
@@ -25,7 +26,6 @@ import torch
 from . import _build
 
 BUILD_INFO_FILE = _build.PACKAGE_DIR / "_build_info.json"
-LOCK_TIMEOUT_S = float(os.environ.get("FASTREG_BUILD_LOCK_TIMEOUT", "1800"))
 
 
 class KernelState:
@@ -54,6 +54,25 @@ def requested_backend() -> str:
     if value not in {"auto", "reference"}:
         raise ValueError(f"FASTREG_BACKEND must be 'auto' or 'reference', got {value!r}")
     return value
+
+
+def lock_timeout_s() -> float:
+    """How long a JIT build waits for another process's build (read when a build starts, so that
+    a bad value is an error there, not at ``import fastreg``)."""
+    value = os.environ.get("FASTREG_BUILD_LOCK_TIMEOUT", "").strip() or "1800"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"FASTREG_BUILD_LOCK_TIMEOUT must be a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def check_settings() -> None:
+    """Raises ValueError naming the first FASTREG_* setting that the loader cannot use."""
+    requested_backend()
+    lock_timeout_s()
 
 
 def aot_build_info() -> dict | None:
@@ -108,6 +127,7 @@ def load_before_dispatch(input: torch.Tensor) -> None:
 
 
 def _load_once() -> None:
+    check_settings()  # a bad setting is an error even where no build needs it
     if requested_backend() == "reference":
         STATE.reason = "FASTREG_BACKEND=reference"
         return
@@ -218,7 +238,8 @@ def build_lock(build_dir: Path):
     """An flock held while building: a killed holder releases it, so it is never stale."""
     path = build_dir / ".fastreg-build.lock"
     with open(path, "a+") as handle:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        timeout = lock_timeout_s()
+        deadline = time.monotonic() + timeout
         told = False
         while True:
             try:
@@ -234,7 +255,7 @@ def build_lock(build_dir: Path):
                     told = True
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"gave up after {LOCK_TIMEOUT_S:.0f} s waiting for the build lock {path}; if no fastreg build "
+                        f"gave up after {timeout:.0f} s waiting for the build lock {path}; if no fastreg build "
                         "is running, delete that folder"
                     ) from None
                 time.sleep(0.2)

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import _loader
 
     try:
-        _loader.requested_backend()
+        _loader.check_settings()
     except ValueError as error:  # a setting this report is meant to diagnose: say so, not a traceback
         raise SystemExit(f"fastreg.info: {error}") from None
     print(report())

@@ -204,9 +204,19 @@ def test_info_prints_the_report(capsys):
     assert "== environment ==" in out and "== ops ==" in out and "dropout" in out
 
 
-def test_an_invalid_fastreg_backend_is_a_one_line_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("FASTREG_BACKEND", "bogus")
-    message = "FASTREG_BACKEND must be 'auto' or 'reference', got 'bogus'"
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("FASTREG_BACKEND", "bogus", "FASTREG_BACKEND must be 'auto' or 'reference', got 'bogus'"),
+        (
+            "FASTREG_BUILD_LOCK_TIMEOUT",
+            "soon",
+            "FASTREG_BUILD_LOCK_TIMEOUT must be a number of seconds >= 0, got 'soon'",
+        ),
+    ],
+)
+def test_an_invalid_fastreg_setting_is_a_one_line_error(monkeypatch, tmp_path, setting, value, message):
+    monkeypatch.setenv(setting, value)
     with pytest.raises(SystemExit, match=f"^fastreg.info: {message}$"):
         info.main([])
     with pytest.raises(SystemExit, match=f"^fastreg.bench: {message}$"):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._loader import requested_backend
+from .._loader import check_settings
 from . import env, report
 from .cases import cases_for, op_names
 from .runner import ERROR, MISMATCH, run_cases
@@ -121,7 +121,7 @@ def main_run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     device = _parse_device(parser, args.device)
     try:
-        requested_backend()
+        check_settings()
     except ValueError as error:
         raise SystemExit(f"fastreg.bench: {error}") from None
     if args.threads is not None:
