@@ -40,6 +40,14 @@ def say(message: str) -> None:
     print(f"fastreg setup: {message}", file=sys.stderr, flush=True)
 
 
+def check_install_settings() -> None:
+    """The settings read here take 0 or 1: anything else ("yes", "true") would be read as unset."""
+    for name in ("FASTREG_BUILD_OPS", "FASTREG_FORCE_CUDA"):
+        value = os.environ.get(name, "").strip()
+        if value not in ("", "0", "1"):
+            raise SystemExit(f"fastreg setup: {name} must be 0 or 1 (or unset), got {value!r}")
+
+
 def aot_requested() -> bool:
     """Whether to compile now: FASTREG_BUILD_OPS=1 insists, =0 refuses, unset means 'if torch is here'."""
     setting = os.environ.get("FASTREG_BUILD_OPS", "").strip()
@@ -130,4 +138,5 @@ def aot_extension_setup() -> dict:
     }
 
 
+check_install_settings()
 setup(**(aot_extension_setup() if aot_requested() else {"cmdclass": {"build_py": BuildPyWithSources}}))

@@ -69,10 +69,31 @@ def lock_timeout_s() -> float:
     return seconds
 
 
+# Settings read as they are by C++ (std::getenv) or by the build, where a value they do not know
+# would be taken silently as the default (FASTREG_CPU_ISA=AVX2 caps nothing; strtol reads
+# FASTREG_CPU_POOL_MB=1G as 1): checked here, before the library loads and reads them.
+_SETTING_CHOICES = {
+    "FASTREG_CPU_ISA": ("avx512", "avx2", "base"),
+    "FASTREG_CUDA_LARGE_KERNEL_ARGS": ("0", "1"),
+    "FASTREG_FORCE_CUDA": ("0", "1"),
+    "FASTREG_VERBOSE_BUILD": ("0", "1"),
+}
+_SETTING_MEGABYTES = ("FASTREG_CPU_POOL_MB", "FASTREG_CPU_CACHE_MB")
+
+
 def check_settings() -> None:
-    """Raises ValueError naming the first FASTREG_* setting that the loader cannot use."""
+    """Raises ValueError naming the first FASTREG_* setting that fastreg cannot use as given.
+    Set but empty means unset, for each of them."""
     requested_backend()
     lock_timeout_s()
+    for name, choices in _SETTING_CHOICES.items():
+        value = os.environ.get(name, "")
+        if value and value not in choices:
+            raise ValueError(f"{name} must be {' or '.join(repr(c) for c in choices)} (or unset), got {value!r}")
+    for name in _SETTING_MEGABYTES:
+        value = os.environ.get(name, "")
+        if value and not (value.isascii() and value.isdigit()):
+            raise ValueError(f"{name} must be a whole number of megabytes (or unset), got {value!r}")
 
 
 def aot_build_info() -> dict | None:

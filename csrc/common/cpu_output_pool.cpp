@@ -18,8 +18,9 @@ constexpr size_t kHugePage = size_t{2} << 20;
 constexpr size_t kPooledMinBytes = size_t{4} << 20;  // below this, faults are cheap
 
 size_t pool_limit_bytes() {
+  // Set but empty means unset, as for every FASTREG_* setting (fastreg/_loader.py checks the value).
   const char* env = std::getenv("FASTREG_CPU_POOL_MB");
-  const long mb = env ? std::strtol(env, nullptr, 10) : 1024;
+  const long mb = env != nullptr && *env != '\0' ? std::strtol(env, nullptr, 10) : 1024;
   return mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
 }
 
