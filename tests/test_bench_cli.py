@@ -280,3 +280,22 @@ def test_the_recorded_command_can_be_run_again(tmp_path, monkeypatch):
     command = json.loads((out / "raw.json").read_text())["info"]["command"]
     assert shlex.split(command) == ["python", "-m", "fastreg.bench", *argv]
     assert f"| command | `{command}` |" in (out / "report.md").read_text()
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_is_written(monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY_RUN, "--out", str(out)]) == 0
+    previous = {name: (out / name).read_bytes() for name in (report.RAW, report.CSV, report.REPORT)}
+
+    def interrupted(cases, policy):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_main, "run_cases", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*TINY_RUN, "--out", str(out), "--overwrite"])
+    assert {name: (out / name).read_bytes() for name in previous} == previous
+    monkeypatch.undo()
+    (out / "notes.txt").write_text("mine")
+    assert main([*TINY_RUN, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / report.RAW).read_text()) != json.loads(previous[report.RAW].decode())
+    assert (out / "notes.txt").read_text() == "mine"  # not an output of a run: left alone

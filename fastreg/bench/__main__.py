@@ -78,11 +78,18 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         # now, not after the run: a folder we cannot write to would lose every measurement
         with tempfile.NamedTemporaryFile(dir=out, prefix=".fastreg-bench-write-check-"):
             pass
-        for name in existing:  # only what we write ourselves; anything else in the folder stays
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     except OSError as error:
         raise SystemExit(f"fastreg.bench: cannot write the results to --out {out}: {error.strerror or error}") from None
+
+
+def _remove_previous_run(out: Path) -> None:
+    """The outputs of a run already in ``out`` (--overwrite); anything else in the folder stays."""
+    for name in report.OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _parse_ops(parser: argparse.ArgumentParser, text: str | None) -> list[str] | None:
@@ -158,6 +165,7 @@ def main_run(argv: list[str]) -> int:
     rows = [row.as_dict() for row in run_cases(cases, SETS[set_name].timing)]
     info["wall_time_s"] = f"{time.perf_counter() - started:.0f}"
     info["load_average_end"] = env.load_average()
+    _remove_previous_run(out)  # only now: a run that fails or is interrupted leaves the previous one
     report.write_all(out, info, rows)
     failed = [r for r in rows if r["status"] in (MISMATCH, ERROR)]
     print(f"fastreg.bench: wrote {out / report.REPORT} ({info['wall_time_s']} s)", file=sys.stderr)
