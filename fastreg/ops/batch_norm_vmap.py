@@ -60,24 +60,23 @@ def _update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, mome
 
 
 def _register_per_sample_rule(name: str) -> None:
-    op = getattr(torch.ops.fastreg, name)
-    single_output = len(op.default._schema.returns) == 1
+    op = getattr(torch.ops.fastreg, name).default
+    single_output = len(op._schema.returns) == 1
 
     def rule(info, in_dims, *args):
-        def outputs(result) -> tuple:
-            return (result,) if single_output else tuple(result)
-
-        if info.batch_size:
-            per_sample = [
-                outputs(op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]))
-                for i in range(info.batch_size)
-            ]
-            stacked = tuple(torch.stack(parts) for parts in zip(*per_sample))
+        batch_size = info.batch_size
+        if batch_size:
+            # each argument's samples in one unbind (B views), an unbatched one repeated
+            columns = [(a,) * batch_size if d is None else a.unbind(d) for a, d in zip(args, in_dims)]
+            if single_output:
+                return torch.stack([op(*sample) for sample in zip(*columns)]), 0
+            stacked = tuple(torch.stack(parts) for parts in zip(*(op(*sample) for sample in zip(*columns))))
         else:
             like = first_batched(args, in_dims)
-            stacked = tuple(empty_stack(like, t) for t in outputs(op(*map(sample_on_meta, args, in_dims))))
-        if single_output:
-            return stacked[0], 0
+            shapes = op(*map(sample_on_meta, args, in_dims))
+            stacked = tuple(empty_stack(like, t) for t in ((shapes,) if single_output else shapes))
+            if single_output:
+                return stacked[0], 0
         return stacked, (0,) * len(stacked)
 
     torch.library.register_vmap(f"fastreg::{name}", rule)
