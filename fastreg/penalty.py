@@ -21,10 +21,8 @@ Two forms of the penalty users write as
   ``WeightPenalty([{"params": convs, "l2": 1e-4}, {"params": heads, "l1": 1e-5}])``.
 
 Values are float32 (float64 when a parameter is float64), accumulated in a fixed order: the
-same inputs give the same bits, run after run. Also here: the baselines the benchmark compares
-against (:func:`naive_autograd_penalty`, :func:`foreach_penalty_`) and parameter lists shaped
-like real models (:func:`resnet50_like_params`, :func:`gpt2_small_like_params`,
-:func:`small_cpu_params`).
+same inputs give the same bits, run after run. The benchmark's baselines and model-shaped
+parameter lists are in ``fastreg.bench.penalty_baselines`` and ``fastreg.bench.penalty_inputs``.
 """
 
 from __future__ import annotations
@@ -40,18 +38,12 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _loader
 from .ops import weight_penalty as _ops  # noqa: F401  (defines the ops)
-from .reference.weight_penalty import SUPPORTED_DTYPES, check_coefficients, naive_penalty
+from .reference.weight_penalty import SUPPORTED_DTYPES, check_coefficients
 
 __all__ = [
     "DECAY_TYPES",
     "WeightPenalty",
-    "foreach_penalty_",
-    "gpt2_small_like_params",
-    "naive_autograd_penalty",
-    "resnet50_host_params",
-    "resnet50_like_params",
     "select_decay_parameters",
-    "small_cpu_params",
     "weight_penalty",
 ]
 
@@ -415,113 +407,3 @@ class WeightPenalty:
     def __repr__(self) -> str:
         groups = ", ".join(f"({len(g['params'])} tensors, l1={g['l1']}, l2={g['l2']})" for g in self.param_groups)
         return f"WeightPenalty({groups})"
-
-
-# --- baselines (what the benchmark compares against) ------------------------------------
-
-
-def naive_autograd_penalty(params: Iterable[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
-    """The formula as users write it; ``.backward()`` on it accumulates the gradient into ``.grad``."""
-    return naive_penalty(list(params), l1, l2)
-
-
-@torch.no_grad()
-def foreach_penalty_(params: Iterable[torch.Tensor], l1: float, l2: float) -> torch.Tensor:
-    """The best ``torch._foreach_*`` pipeline for value + in-place gradient (the benchmark's
-    "PyTorch multi-tensor" baseline): norms for the value, then ``.grad += l1 * sign(w)`` and
-    ``.grad += 2 * l2 * w``; terms with a zero coefficient are skipped. Returns the value."""
-    params = list(params)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    value = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    if not params:
-        return value
-    if l1 != 0.0:
-        value = value + l1 * torch.stack(torch._foreach_norm(params, 1, dtype=torch.float32)).sum()
-        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=l1)
-    if l2 != 0.0:
-        value = value + l2 * torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).square().sum()
-        torch._foreach_add_(grads, params, alpha=2.0 * l2)
-    return value
-
-
-# --- parameter lists shaped like real models ---------------------------------------------
-
-
-def resnet50_shapes() -> list[tuple[int, ...]]:
-    """torchvision's ResNet-50: 161 tensors, 25,557,032 elements (bottleneck blocks [3, 4, 6, 3])."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]  # stem conv + batch norm
-    inplanes = 64
-    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for block in range(blocks):
-            width = planes * 4
-            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,)]
-            shapes += [(planes, planes, 3, 3), (planes,), (planes,)]
-            shapes += [(width, planes, 1, 1), (width,), (width,)]
-            if block == 0:  # downsample: 1x1 conv + batch norm
-                shapes += [(width, inplanes, 1, 1), (width,), (width,)]
-            inplanes = width
-    return shapes + [(1000, 2048), (1000,)]
-
-
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """Hugging Face GPT-2 small (lm_head tied to wte): 148 tensors, 124,439,808 elements."""
-    d, vocab, context, layers = 768, 50257, 1024, 12
-    shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,)]  # ln_1, attn.c_attn, attn.c_proj
-        shapes += [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, mlp.c_fc, mlp.c_proj
-    return shapes + [(d,), (d,)]  # ln_f
-
-
-def resnet50_host_shapes() -> list[tuple[int, ...]]:
-    """ResNet-50's 161 tensors with one element each: what an implementation costs the host per
-    step, apart from moving memory (on a GPU, whether the host can keep ahead of the kernels)."""
-    return [(1,)] * len(resnet50_shapes())
-
-
-def small_cpu_shapes() -> list[tuple[int, ...]]:
-    """80 tensors, about 10M elements: 40 (weight, bias) pairs with odd sizes, for CPU benchmarks."""
-    shapes: list[tuple[int, ...]] = []
-    for i in range(40):
-        out_features, in_features = 300 + 7 * (i % 9), 800 + 3 * (i % 11)
-        shapes += [(out_features, in_features), (out_features,)]
-    return shapes
-
-
-def make_params(
-    shapes: Iterable[tuple[int, ...]],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    *,
-    grads: bool = False,
-    seed: int = 0,
-) -> list[torch.Tensor]:
-    """Leaf tensors (requires_grad) with the given shapes, values ~ N(0, 0.02^2); with
-    ``grads=True`` each also gets a random ``.grad``, so in-place timings allocate nothing."""
-    generator = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = (torch.randn(shape, generator=generator) * 0.02).to(device=device, dtype=dtype).requires_grad_()
-        if grads:
-            p.grad = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-        params.append(p)
-    return params
-
-
-def resnet50_like_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
-    return make_params(resnet50_shapes(), device, dtype, **kwargs)
-
-
-def resnet50_host_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
-    return make_params(resnet50_host_shapes(), device, dtype, **kwargs)
-
-
-def gpt2_small_like_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
-    return make_params(gpt2_small_shapes(), device, dtype, **kwargs)
-
-
-def small_cpu_params(device="cpu", dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
-    return make_params(small_cpu_shapes(), device, dtype, **kwargs)

@@ -83,6 +83,7 @@ hosttime() {
   # benchmark row times the host's launch path, not the kernels.
   "$python" - <<'PY'
 import time, torch, fastreg, fastreg.functional as F
+import fastreg.bench.penalty_baselines, fastreg.bench.penalty_inputs
 
 def measure(name, fn, calls=200):
     for _ in range(10):
@@ -99,10 +100,10 @@ def measure(name, fn, calls=200):
     gpu = start.elapsed_time(end) / 1e3 / calls
     print(f"{name:<40} host {host * 1e6:8.1f} us   gpu {gpu * 1e6:8.1f} us")
 
-params = fastreg.penalty.resnet50_like_params(device="cuda", grads=True)
+params = fastreg.bench.penalty_inputs.resnet50_like_params(device="cuda", grads=True)
 penalty = fastreg.WeightPenalty(params, l1=1e-5, l2=1e-4)
 measure("penalty add_grad_ resnet50", penalty.add_grad_)
-measure("penalty _foreach_ resnet50", lambda: fastreg.penalty.foreach_penalty_(params, 1e-5, 1e-4))
+measure("penalty _foreach_ resnet50", lambda: fastreg.bench.penalty_baselines.foreach_penalty_(params, 1e-5, 1e-4))
 for dtype in (torch.float32, torch.bfloat16):
     for n in (1 << 16, 16 << 20):
         x = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
@@ -153,13 +154,14 @@ profile() {
     --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes.sum \
     "$python" - <<'EOF'
 import torch, fastreg, fastreg.functional as F
+import fastreg.bench.penalty_inputs
 x = torch.randn(16 << 20, device="cuda", requires_grad=True)
 for dtype in (torch.float32, torch.bfloat16):
     xd = x.detach().to(dtype).requires_grad_()
     for _ in range(2):
         y = F.dropout(xd, 0.1)
         torch.autograd.grad(y, xd, torch.ones_like(y))
-params = fastreg.penalty.resnet50_like_params(device="cuda", grads=True)
+params = fastreg.bench.penalty_inputs.resnet50_like_params(device="cuda", grads=True)
 for _ in range(3):
     fastreg.WeightPenalty(params, l1=1e-5, l2=1e-4).add_grad_()
 for memory_format in (torch.contiguous_format, torch.channels_last):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastreg
-from fastreg.bench import batch_norm_cases, dropout_cases, penalty_cases, pytest_glue, report
+from fastreg.bench import batch_norm_cases, dropout_cases, penalty_baselines, penalty_cases, pytest_glue, report
 from fastreg.bench.__main__ import main
 from fastreg.bench.cases import _OPS, BuiltCase, Case, register_op
 from fastreg.bench.dropout_cases import dropout_impl
@@ -205,15 +205,12 @@ def test_cli_never_overwrites_a_run_unless_asked(tmp_path, broken_op):
 
 
 def test_wrong_penalty_gradient_fails_its_row():
-    pytest.importorskip("fastreg.penalty")
-    from fastreg import penalty
-
     def build(case):
         built = penalty_cases.build(case)
         params = built.inputs["params"]
 
         def forgets_l1():  # the L2 half only
-            return penalty.foreach_penalty_(params, 0.0, case.param("l2"))
+            return penalty_baselines.foreach_penalty_(params, 0.0, case.param("l2"))
 
         built.impls["fastreg"] = penalty_cases.penalty_impl(built.inputs, "fastreg", forgets_l1)
         return built

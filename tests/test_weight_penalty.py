@@ -15,6 +15,7 @@ import torch
 
 from fastreg import _loader, penalty
 from fastreg._library import has_kernel
+from fastreg.bench import penalty_baselines, penalty_inputs
 from fastreg.reference import weight_penalty as ref
 from fastreg.testing import mismatch
 
@@ -65,7 +66,7 @@ def test_value_matches_naive_formula(device, dtype, l1, l2):
 @pytest.mark.parametrize("device", DEVICES)
 def test_value_is_bitwise_stable_across_runs_and_thread_counts(device):
     use_kernels(device)
-    params = make(penalty.small_cpu_shapes()[:24] + EDGE_SHAPES, torch.float32, device)
+    params = make(penalty_inputs.small_cpu_shapes()[:24] + EDGE_SHAPES, torch.float32, device)
     first = OPS.weight_penalty_value(params, 0.01, 0.02)
     threads = torch.get_num_threads()
     try:
@@ -212,8 +213,8 @@ def test_grad_inplace_with_layouts_differing_from_the_parameter(device):
 
 @KERNELS_ONLY
 def test_grad_inplace_is_bitwise_stable_across_thread_counts():
-    params = make(penalty.small_cpu_shapes()[:16], torch.float32)
-    start = make(penalty.small_cpu_shapes()[:16], torch.float32, seed=3)
+    params = make(penalty_inputs.small_cpu_shapes()[:16], torch.float32)
+    start = make(penalty_inputs.small_cpu_shapes()[:16], torch.float32, seed=3)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -388,30 +389,30 @@ def test_tensor_coefficient_ops_equal_the_float_ops(impl, device):
 
 def test_model_shaped_lists_have_the_real_sizes():
     for shapes, count, elements in [
-        (penalty.resnet50_shapes(), 161, 25_557_032),
-        (penalty.gpt2_small_shapes(), 148, 124_439_808),
+        (penalty_inputs.resnet50_shapes(), 161, 25_557_032),
+        (penalty_inputs.gpt2_small_shapes(), 148, 124_439_808),
     ]:
         assert len(shapes) == count and sum(math.prod(s) for s in shapes) == elements
-    assert penalty.resnet50_host_shapes() == [(1,)] * 161
-    small = penalty.small_cpu_shapes()
+    assert penalty_inputs.resnet50_host_shapes() == [(1,)] * 161
+    small = penalty_inputs.small_cpu_shapes()
     assert len(small) == 80 and 9e6 < sum(math.prod(s) for s in small) < 12e6
-    params = penalty.resnet50_like_params(dtype=torch.bfloat16, grads=True)
+    params = penalty_inputs.resnet50_like_params(dtype=torch.bfloat16, grads=True)
     assert len(params) == 161 and all(p.dtype == torch.bfloat16 and p.grad is not None for p in params)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_baselines_agree_with_the_op(device):
     use_kernels(device)
-    params = penalty.make_params(many_shapes(50), device, grads=True)
+    params = penalty_inputs.make_params(many_shapes(50), device, grads=True)
     initial = [p.grad.clone() for p in params]
     ours = [g.clone() for g in initial]
     value = OPS.weight_penalty_grad_(ours, [p.detach() for p in params], 0.01, 0.02)
-    foreach_value = penalty.foreach_penalty_(params, 0.01, 0.02)
+    foreach_value = penalty_baselines.foreach_penalty_(params, 0.01, 0.02)
     assert math.isclose(float(foreach_value), float(value), rel_tol=1e-5)
     assert mismatch([p.grad for p in params], ours) is None
     for p, g in zip(params, initial):
         p.grad = g.clone()
-    naive_value = penalty.naive_autograd_penalty(params, 0.01, 0.02)
+    naive_value = penalty_baselines.naive_autograd_penalty(params, 0.01, 0.02)
     naive_value.backward()
     assert math.isclose(float(naive_value.detach()), float(value), rel_tol=1e-5)
     assert mismatch([p.grad for p in params], ours, exact=True) is None

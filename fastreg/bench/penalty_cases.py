@@ -17,18 +17,19 @@ from typing import Any
 import torch
 
 from ..reference import weight_penalty as ref
-from . import gate
+from . import gate, penalty_inputs
 from .baselines import COPY_IMPLS, copy_impls
 from .cases import BuiltCase, Case, Impl, register_op
+from .penalty_baselines import foreach_penalty_, naive_autograd_penalty
 from .runner import Unavailable
 from .sets import BenchSet
 
-#: list name -> (shapes function, params function) in fastreg.penalty
+#: list name -> (shapes function, params function) of .penalty_inputs
 PARAM_LISTS = {
-    "small": ("small_cpu_shapes", "small_cpu_params"),
-    "resnet50": ("resnet50_shapes", "resnet50_like_params"),
-    "resnet50_host": ("resnet50_host_shapes", "resnet50_host_params"),  # host cost per step
-    "gpt2_small": ("gpt2_small_shapes", "gpt2_small_like_params"),
+    "small": (penalty_inputs.small_cpu_shapes, penalty_inputs.small_cpu_params),
+    "resnet50": (penalty_inputs.resnet50_shapes, penalty_inputs.resnet50_like_params),
+    "resnet50_host": (penalty_inputs.resnet50_host_shapes, penalty_inputs.resnet50_host_params),  # host cost per step
+    "gpt2_small": (penalty_inputs.gpt2_small_shapes, penalty_inputs.gpt2_small_like_params),
 }
 IMPLS = ("torch_autograd", "torch_foreach", "torch_compile", "fastreg", "fastreg_compile", "reference")
 COMPILED_IMPLS = ("torch_compile", "fastreg_compile")
@@ -43,25 +44,21 @@ def _penalty_module() -> Any:
 
 
 def _numel(list_name: str) -> int:
-    try:
-        shapes = getattr(_penalty_module(), PARAM_LISTS[list_name][0])()
-    except (Unavailable, AttributeError):
-        return 0
-    return sum(math.prod(s) for s in shapes)
+    return sum(math.prod(s) for s in PARAM_LISTS[list_name][0]())
 
 
-def _autograd(penalty, params, l1, l2) -> Callable[[], torch.Tensor]:
+def _autograd(params, l1, l2) -> Callable[[], torch.Tensor]:
     def run():
-        value = penalty.naive_autograd_penalty(params, l1, l2)
+        value = naive_autograd_penalty(params, l1, l2)
         value.backward()  # accumulates into .grad, as a training step does
         return value.detach()
 
     return run
 
 
-def _compiled_foreach(penalty, params, l1, l2) -> Callable[[], torch.Tensor]:
+def _compiled_foreach(params, l1, l2) -> Callable[[], torch.Tensor]:
     torch._dynamo.reset()  # its own dynamo cache, like every compiled row (see dropout_cases)
-    compiled = torch.compile(penalty.foreach_penalty_)
+    compiled = torch.compile(foreach_penalty_)
     return lambda: compiled(params, l1, l2)
 
 
@@ -73,9 +70,9 @@ def _compiled_fastreg(fastreg_penalty) -> Callable[[], torch.Tensor]:
 def implementations(penalty, params, l1: float, l2: float, names) -> dict[str, Callable[[], torch.Tensor]]:
     fastreg_penalty = penalty.WeightPenalty(params, l1=l1, l2=l2)
     makers = {
-        "torch_autograd": lambda: _autograd(penalty, params, l1, l2),
-        "torch_foreach": lambda: lambda: penalty.foreach_penalty_(params, l1, l2),
-        "torch_compile": lambda: _compiled_foreach(penalty, params, l1, l2),
+        "torch_autograd": lambda: _autograd(params, l1, l2),
+        "torch_foreach": lambda: lambda: foreach_penalty_(params, l1, l2),
+        "torch_compile": lambda: _compiled_foreach(params, l1, l2),
         "fastreg": lambda: fastreg_penalty.add_grad_,
         "fastreg_compile": lambda: _compiled_fastreg(fastreg_penalty),
         "reference": lambda: lambda: ref.weight_penalty_grad_([p.grad for p in params], params, l1, l2),
@@ -109,7 +106,7 @@ def penalty_impl(inputs: dict, name: str, fn: Callable[[], torch.Tensor]) -> Imp
 def build(case: Case) -> BuiltCase:
     penalty = _penalty_module()
     l1, l2 = case.param("l1"), case.param("l2")
-    params = getattr(penalty, PARAM_LISTS[case.size][1])(case.device, case.dtype, grads=True)
+    params = PARAM_LISTS[case.size][1](case.device, case.dtype, grads=True)
     start = [p.grad.clone() for p in params]
     expected_grads = [g.clone() for g in start]
     expected_value = ref.weight_penalty_grad_(expected_grads, params, l1, l2)
