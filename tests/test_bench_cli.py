@@ -299,3 +299,12 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_is_written(monkeypat
     assert main([*TINY_RUN, "--out", str(out), "--overwrite"]) == 0
     assert json.loads((out / report.RAW).read_text()) != json.loads(previous[report.RAW].decode())
     assert (out / "notes.txt").read_text() == "mine"  # not an output of a run: left alone
+
+
+def test_bandwidth_cells_of_host_bound_rows_show_their_figures_not_zero():
+    row = {"status": "ok", "baseline": False, "gbps": 0.0031, "pct_of_copy_inplace": 0.12}
+    assert report._bandwidth_cell(row) == "0.0031 (0.12%)"
+    row = {"status": "ok", "baseline": False, "gbps": 812.34, "pct_of_copy_inplace": 87.4}
+    assert report._bandwidth_cell(row) == "812.3 (87%)"
+    assert report._bandwidth_cell({**row, "baseline": True}) == "812.3"
+    assert report._bandwidth_cell({**row, "gbps": 0.0, "pct_of_copy_inplace": 0.0}) == "0.0 (0%)"

@@ -127,7 +127,15 @@ def _bandwidth_cell(row: dict | None) -> str:
     if failed:
         return failed
     pct = row.get("pct_of_copy_inplace")
-    return f"{row['gbps']:.1f}" + ("" if _nan(pct) or row["baseline"] else f" ({pct:.0f}%)")
+    return _figure(row["gbps"]) + ("" if _nan(pct) or row["baseline"] else f" ({_figure(pct, 0)}%)")
+
+
+def _figure(value: float, decimals: int = 1) -> str:
+    """A number with ``decimals`` decimals, and two significant digits where those would show
+    0 (a host-bound row's 0.0031 GB/s is not 0.0)."""
+    if value != 0 and abs(value) < 0.5 * 10**-decimals:
+        return f"{value:.2g}"
+    return f"{value:.{decimals}f}"
 
 
 def op_section(op: str, rows: list[dict]) -> list[str]:
