@@ -27,6 +27,9 @@ SCHEMAS: dict[str, str] = {}
 
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
+#: op name -> the Python autograd kernel register_autograd made for it (trace_with_python_autograd)
+_AUTOGRAD_KERNELS: dict[str, Callable] = {}
+
 
 def define(name: str, schema: str, reference: Callable, *, random: bool = False, tags: tuple = ()) -> None:
     """Define ``fastreg::name`` with the reference as its fallback kernel."""
@@ -256,3 +259,19 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable | N
         return outputs if len(schema.returns) > 1 else outputs[0]
 
     LIBRARY.impl(name, autograd_kernel, "Autograd")
+    _AUTOGRAD_KERNELS[name] = autograd_kernel
+
+
+def trace_with_python_autograd(name: str, kernel: Callable | None = None) -> None:
+    """Under torch's Python dispatcher, which its tracers turn on (Dynamo's fake-tensor runs,
+    AOTAutograd, torch.export, make_fx), ``fastreg::name`` records its Python autograd
+    (``kernel``, by default the one ``register_autograd`` made) instead of the compiled
+    library's C++ node: a C++ node that keeps the output's sizes as integers reads a symbolic
+    size as its current value, which specialises it (a dynamic batch dimension becomes a
+    constant). Eager calls do not go through the Python dispatcher and keep the C++ node."""
+    kernel = kernel or _AUTOGRAD_KERNELS.get(name)
+    if kernel is None:  # a torch without the single-level Function: torch's own autograd kernel
+        return
+    op = getattr(torch.ops.fastreg, name).default
+    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradCUDA):
+        op.py_impl(key)(kernel)

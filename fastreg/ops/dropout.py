@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .._library import LIBRARY, apply_function, define, grad_for_lower_levels, register_autograd
+from .._library import (
+    LIBRARY,
+    apply_function,
+    define,
+    grad_for_lower_levels,
+    register_autograd,
+    trace_with_python_autograd,
+)
 from ..memory_format import dense_strides, memory_dense
 from ..reference import dropout as ref
 from ..reference.in_place import check_overwritable
@@ -213,3 +220,14 @@ def _dropout_inplace_autograd(input, p, mask_mode, generator=None):
         return tuple(drawn)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.fastreg.dropout_(input, p, mask_mode, generator)
+
+
+# The C++ autograd kernels (csrc/dropout/dropout_autograd.cpp) keep the output's sizes as
+# integers, for the mask's memory order in backward: on the symbolic sizes of torch's tracers
+# that guarded the batch dimension to its example value. torch.compile(dynamic=True) made one
+# graph per batch size up to its recompile limit, and torch.export of a training model with a
+# dynamic batch failed ("specialized it to be a constant"), once an eager call had loaded the
+# library. The tracers record the Python autograd, which keeps sizes symbolic.
+for _name in ("dropout", "dropout_seeded", "dropout_backward"):
+    trace_with_python_autograd(_name)
+trace_with_python_autograd("dropout_", _dropout_inplace_autograd)
